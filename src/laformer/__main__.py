@@ -1,0 +1,5 @@
+import sys
+
+from laformer.cli import main
+
+sys.exit(main())

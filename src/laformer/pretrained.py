@@ -1,0 +1,150 @@
+"""``from_pretrained`` / ``save_pretrained`` for every model class.
+
+The model classes know nothing about file formats: this mixin asks ``laformer.formats`` for a config and a
+Hugging Face-named state dict, adapts the names to the class (decoder only, causal LM, classifier), and
+assigns the tensors into a model built on the meta device, so no second copy of the weights is made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from laformer.config import LaFormerConfig
+from laformer.errors import CheckpointError, ConfigError
+
+T = TypeVar("T", bound="PreTrainedMixin")
+
+HF_ARCHITECTURES = {
+    "LaFormerModel": "LlamaModel",
+    "LaFormerForCausalLM": "LlamaForCausalLM",
+    "LaFormerForSequenceClassification": "LlamaForSequenceClassification",
+}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class PreTrainedMixin:
+    base_model_prefix: str = "model"
+    config: LaFormerConfig
+
+    @classmethod
+    def from_pretrained(
+        cls: type[T], name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, **config_overrides: Any
+    ) -> T:
+        """Load from a registry name, a GGUF file or a Hugging Face folder.
+
+        Keyword arguments override config fields, e.g. ``id2label={0: "neg", 1: "pos"}`` or ``num_labels=3``
+        for a classifier whose head is new (it is then initialised at random, ready for fine-tuning).
+        """
+        from laformer.formats import load_checkpoint
+
+        dtype = resolve_dtype(dtype)
+        checkpoint = load_checkpoint(name_or_path, dtype)
+        config = apply_overrides(checkpoint.config, config_overrides)
+        with torch.device("meta"):
+            model = cls(config)
+        state = cls._adapt_state_dict(checkpoint.state_dict, config, dtype)
+        model._assign_weights(state, checkpoint.path)
+        model.checkpoint_info = {"path": str(checkpoint.path), "format": checkpoint.format,
+                                 "tensor_types": checkpoint.tensor_types}
+        return model.eval()
+
+    @classmethod
+    def from_config(cls: type[T], config: LaFormerConfig, seed: int | None = None) -> T:
+        """A randomly initialised model (normal(0, initializer_range) weights, unit norms)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = cls(config)
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=config.initializer_range)
+        return model
+
+    @classmethod
+    def _adapt_state_dict(
+        cls, state: dict[str, torch.Tensor], config: LaFormerConfig, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        prefix = cls.base_model_prefix
+        adapted: dict[str, torch.Tensor] = {}
+        for name, tensor in state.items():
+            body = name[len("model."):] if name.startswith("model.") else None
+            if prefix:
+                if body is not None:
+                    adapted[f"{prefix}.{body}"] = tensor
+                elif name in ("lm_head.weight", "score.weight"):
+                    adapted[name] = tensor
+            elif body is not None:
+                adapted[body] = tensor
+        if cls.__name__ == "LaFormerForSequenceClassification":
+            adapted.pop("lm_head.weight", None)
+            score = adapted.get("score.weight")
+            if score is None or score.shape[0] != config.num_labels:
+                head = torch.empty(config.num_labels, config.hidden_size, dtype=dtype)
+                adapted["score.weight"] = nn.init.normal_(head, std=config.initializer_range)
+        elif prefix:
+            adapted.pop("score.weight", None)
+            if config.tie_word_embeddings:
+                adapted.pop("lm_head.weight", None)
+        return adapted
+
+    def _assign_weights(self, state: dict[str, torch.Tensor], source: Path) -> None:
+        expected = {name: p for name, p in self.state_dict(keep_vars=True).items()}
+        if getattr(self.config, "tie_word_embeddings", False):
+            expected.pop("lm_head.weight", None)
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise CheckpointError(
+                f"{source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}; "
+                "the checkpoint is incomplete or of another architecture"
+            )
+        for name, tensor in state.items():
+            if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+                raise CheckpointError(
+                    f"tensor {name!r} in {source} has shape {tuple(tensor.shape)}, but the config implies "
+                    f"{tuple(expected[name].shape)}; the config and weights do not match"
+                )
+        self.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+        if hasattr(self, "tie_weights"):
+            self.tie_weights()
+        self.decoder.reset_buffers()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write a Hugging Face folder (config.json + model.safetensors) that ``transformers`` can load."""
+        from laformer.formats.huggingface import save_hf_folder
+
+        state = {name: t for name, t in self.state_dict().items()}
+        if not self.base_model_prefix:
+            state = {f"model.{name}": t for name, t in state.items()}
+        save_hf_folder(state, self.config, directory, HF_ARCHITECTURES[type(self).__name__])
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        return sum(p.numel() for p in params.values())
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype not in SUPPORTED_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    return dtype
+
+
+def apply_overrides(config: LaFormerConfig, overrides: dict[str, Any]) -> LaFormerConfig:
+    import dataclasses
+
+    if "num_labels" in overrides:
+        num_labels = int(overrides.pop("num_labels"))
+        overrides.setdefault("id2label", {i: f"LABEL_{i}" for i in range(num_labels)})
+    if "labels" in overrides:
+        overrides.setdefault("id2label", dict(enumerate(overrides.pop("labels"))))
+    if "id2label" in overrides and "label2id" not in overrides:
+        overrides["label2id"] = None
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown from_pretrained argument(s) {unknown}; valid config fields are {sorted(fields)}")
+    return dataclasses.replace(config, **overrides)
