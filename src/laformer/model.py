@@ -178,7 +178,13 @@ class LaFormerModel(PreTrainedMixin, nn.Module):
         return BaseModelOutput(x, past_key_values, tuple(hidden_states) if hidden_states else None)
 
     def set_attention(self, backend: AttentionBackend | None) -> None:
-        """Route every layer's attention through ``backend`` (None restores exact SDPA attention)."""
+        """Route every layer's attention through ``backend`` (None restores exact SDPA attention).
+
+        A sparse-attention config such as ``laformer.ama.AMAConfig`` is accepted too: it builds its backend
+        for this model (``build_backend``), so the model never imports the sparse variants.
+        """
+        if hasattr(backend, "build_backend"):
+            backend = backend.build_backend(self)
         for layer in self.layers:
             layer.self_attn.backend = backend or sdpa_attention
 
@@ -211,7 +217,7 @@ class LaFormerForCausalLM(PreTrainedMixin, nn.Module):
         return self.model
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and type(self.lm_head) is nn.Linear:  # a quantized head has its own copy
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(

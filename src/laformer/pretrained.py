@@ -32,12 +32,21 @@ class PreTrainedMixin:
 
     @classmethod
     def from_pretrained(
-        cls: type[T], name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, **config_overrides: Any
+        cls: type[T],
+        name_or_path: str | Path,
+        dtype: torch.dtype | str = torch.float32,
+        attention: Any = None,
+        quantize: str | None = None,
+        group_size: int | None = None,
+        **config_overrides: Any,
     ) -> T:
         """Load from a registry name, a GGUF file or a Hugging Face folder.
 
         Keyword arguments override config fields, e.g. ``id2label={0: "neg", 1: "pos"}`` or ``num_labels=3``
         for a classifier whose head is new (it is then initialised at random, ready for fine-tuning).
+        ``attention`` (a backend or a config such as ``laformer.ama.AMAConfig``) replaces exact attention.
+        ``quantize="int8"|"int4"`` swaps the linears for weight-only quantized ones (``group_size`` inputs per
+        scale; see ``laformer.quantization.quantize_model``); checkpoints saved quantized load quantized anyway.
         """
         from laformer.formats import load_checkpoint
 
@@ -47,10 +56,41 @@ class PreTrainedMixin:
         with torch.device("meta"):
             model = cls(config)
         state = cls._adapt_state_dict(checkpoint.state_dict, config, dtype)
+        model._restore_structure(state)
         model._assign_weights(state, checkpoint.path)
         model.checkpoint_info = {"path": str(checkpoint.path), "format": checkpoint.format,
                                  "tensor_types": checkpoint.tensor_types}
+        if quantize is not None:
+            model._quantize(quantize, group_size, checkpoint)
+        if attention is not None:
+            model.decoder.set_attention(attention)
         return model.eval()
+
+    def _restore_structure(self, state: dict[str, torch.Tensor]) -> None:
+        """Give a model built from its config the pruned shapes and quantized layers its checkpoint was saved with."""
+        if "pruning" in self.config.extra:
+            from laformer.prune import apply_pruned_shapes
+
+            apply_pruned_shapes(self)
+        if "quantization_config" in self.config.extra:
+            from laformer.quantization import swap_for_state_dict
+
+            swap_for_state_dict(self, state)
+
+    def _quantize(self, mode: str, group_size: int | None, checkpoint) -> None:
+        from laformer.quantization import is_quantized, quantize_model
+
+        if is_quantized(self):
+            raise ConfigError(
+                f"{checkpoint.path} is already quantized ({self.config.extra['quantization_config']['mode']}); "
+                "load it without quantize=, or quantize its float original"
+            )
+        tensors = None
+        if checkpoint.format == "gguf":  # take Q8_0/Q4_0/Q4_1 blocks over as they are
+            from laformer.formats.gguf import read_gguf_tensors
+
+            tensors = read_gguf_tensors(checkpoint.path)
+        quantize_model(self, mode, group_size, gguf_tensors=tensors)
 
     @classmethod
     def from_config(cls: type[T], config: LaFormerConfig, seed: int | None = None) -> T:
@@ -74,7 +114,7 @@ class PreTrainedMixin:
             if prefix:
                 if body is not None:
                     adapted[f"{prefix}.{body}"] = tensor
-                elif name in ("lm_head.weight", "score.weight"):
+                elif name.startswith(("lm_head.", "score.")):  # .weight, or a quantized head's .qweight/.scales
                     adapted[name] = tensor
             elif body is not None:
                 adapted[body] = tensor
@@ -123,6 +163,12 @@ class PreTrainedMixin:
     def num_parameters(self, trainable_only: bool = False) -> int:
         params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
         return sum(p.numel() for p in params.values())
+
+    def encode(self, texts, tokenizer, **kwargs) -> torch.Tensor:
+        """Sentence embeddings (N, hidden); see ``laformer.embeddings.encode`` for the options."""
+        from laformer.embeddings import encode
+
+        return encode(self, tokenizer, texts, **kwargs)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

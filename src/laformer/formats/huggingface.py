@@ -14,6 +14,7 @@ from laformer.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+QUANTIZATION_FLOAT32 = (".scales", ".mins")
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -50,7 +51,9 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32):
                 for name in f.keys():
                     tensor = f.get_tensor(name)
                     tensor_types[name] = str(tensor.dtype).removeprefix("torch.")
-                    state_dict[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    # A quantized layer's scales stay float32 whatever dtype is asked for (laformer.quantization).
+                    keep = not tensor.is_floating_point() or name.endswith(QUANTIZATION_FLOAT32)
+                    state_dict[name] = tensor if keep else tensor.to(dtype)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"cannot read {file}: {exc}; the file is corrupt or truncated") from exc
     return Checkpoint(config, state_dict, folder, "huggingface", tensor_types)
@@ -70,4 +73,6 @@ def save_hf_folder(
     data["architectures"] = [architecture]
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     data["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    if "quantization_config" in config.extra:  # top level too, so transformers refuses it instead of misreading it
+        data["quantization_config"] = config.extra["quantization_config"]
     (folder / "config.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

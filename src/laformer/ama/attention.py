@@ -1,0 +1,274 @@
+"""Actively Mediated Attention: a drop-in attention backend that attends exactly to a few chosen slices.
+
+Per layer and KV head (the query heads of a grouped-query group share one choice):
+
+1. Score every full slice of the cache from its summary (``bound``: sum_d max(q_d kmin_d, q_d kmax_d), an
+   upper bound of q.k; ``mean``: q . mean key), summed over the group's heads, and turn the scores into
+   sampling probabilities ``p = softmax(score / sqrt(d))`` over the candidate slices.
+2. Keep the sink slices and the local window, then the most probable candidates until the budget is spent
+   (top-k, or Gumbel top-k to sample).
+3. Attend exactly to the tokens of those slices only (they are gathered; the rest is never read).
+4. Mediation: every unselected slice becomes one pseudo-token (its mean key, with a log(count) logit bias, and
+   its mean value); that softmax partition merges with the exact one through their log-sum-exps,
+   ``out = (e^lse_x out_x + g e^lse_m out_m) / (e^lse_x + g e^lse_m)``, where the gate ``g`` is 1
+   (``estimate``) or learned per layer and head (``learned``).
+
+Decode (one query) gathers from the cache viewed as whole slices plus the partial last slice. Prefill cuts the
+queries into blocks of one slice each; every block selects its own slices causally, so the cost grows as
+context x budget rather than context^2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from laformer.ama.cache import SliceSummaries, update_summaries
+from laformer.ama.config import AMAConfig
+from laformer.attention import sdpa_attention
+from laformer.cache import KVCache
+
+NEG_INF = float("-inf")
+BLOCK_CHUNK_ELEMENTS = 1 << 23  # bounds the gathered keys and scores held at once in prefill
+
+
+class MediationGate(nn.Module):
+    """The learned gate of one layer: ``log g = w . f + b`` per query head, from two slice features
+    (log-mass of the compressed branch relative to the exact one, and the fraction of tokens left out).
+    Initialised to zero, so it starts as the training-free ``estimate`` (g = 1)."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_heads, 2))
+        self.bias = nn.Parameter(torch.zeros(num_heads))
+
+    def forward(self, lse_exact: torch.Tensor, lse_mediated: torch.Tensor, left_out: torch.Tensor) -> torch.Tensor:
+        """Log-gates (B, H_kv, Q, R) for rows R ordered (group head, query); ``left_out`` is (B, 1|H_kv, Q, 1)."""
+        B, Hkv, Q, R = lse_exact.shape
+        G = self.bias.shape[0] // Hkv
+        relative = ((lse_mediated - lse_exact).nan_to_num(0.0, posinf=20.0, neginf=-20.0).clamp(-20, 20) / 10)
+        relative = relative.view(B, Hkv, Q, G, R // G)
+        w = self.weight.view(1, Hkv, 1, G, 1, 2)
+        b = self.bias.view(1, Hkv, 1, G, 1)
+        left_out = left_out.view(B, -1, Q, 1, 1).to(relative.dtype)
+        return (w[..., 0] * relative + w[..., 1] * left_out + b).view(B, Hkv, Q, R)
+
+
+class AMAAttention:
+    """The backend built by ``AMAConfig.build_backend``; see the module docstring for the mechanism."""
+
+    def __init__(self, config: AMAConfig, decoder: nn.Module) -> None:
+        self.config = config
+        self.recorder = config.recorder
+        self.gates: list[MediationGate] | None = None
+        if config.mediation == "learned":
+            self.gates = [attach_gate(layer.self_attn) for layer in decoder.layers]
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        layer_idx: int,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        S = k.shape[2]
+        if layer_idx < cfg.dense_layers or -(-S // cfg.slice_len) <= cfg.budget_slices:
+            return sdpa_attention(q, k, v, mask, layer_idx=layer_idx, cache=cache)  # everything fits the budget
+        T = q.shape[2]
+        valid = key_validity(mask, T)
+        state = cache.layer_state[layer_idx] if cache is not None else None
+        summaries = update_summaries(state, k, v, valid, cfg.slice_len)
+        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        gate = self.gates[layer_idx] if self.gates is not None else None
+        if T == 1:
+            out = self._decode(q.to(dtype), k, v, valid, summaries, layer_idx, gate)
+        else:
+            out = self._prefill(q.to(dtype), k, v, mask, summaries, layer_idx, gate)
+        return out.to(q.dtype)
+
+    # ------------------------------------------------------------------ selection
+
+    def _plan(
+        self, qrows: torch.Tensor, group: int, summaries: SliceSummaries, own: torch.Tensor, n_cols: int, n_pick: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Choose slices for Q query blocks; ``qrows`` (B, H_kv, Q, R, D) holds ``group`` heads' rows per block
+        (all-zero rows are block padding), ``own`` (Q,) is each block's slice.
+
+        Returns the candidate probabilities (B, H_kv, Q, F), the chosen slice indices and whether each is real
+        (B, H_kv, Q, n_pick), and the candidate mask (B, 1, Q, F) over the F summarised slices.
+        """
+        cfg, s = self.config, summaries
+        Fs, device, dtype = s.num_slices, qrows.device, qrows.dtype
+        # Summed over the group's heads, averaged over the block's real query positions.
+        positions = ((qrows != 0).any(-1).sum(-1, keepdim=True) / group).clamp_min(1)  # (B, H_kv, Q, 1)
+        if cfg.score == "bound":
+            q_pos = qrows.clamp_min(0).sum(3) / positions  # (B, H_kv, Q, D)
+            q_neg = qrows.clamp_max(0).sum(3) / positions
+            scores = q_pos @ s.kmax.to(dtype).transpose(-1, -2) + q_neg @ s.kmin.to(dtype).transpose(-1, -2)
+        else:
+            scores = (qrows.sum(3) / positions) @ s.kmean.to(dtype).transpose(-1, -2)  # (B, H_kv, Q, F)
+        j = torch.arange(n_cols, device=device)
+        local_start = (own - cfg.local_slices + 1).clamp_min(0)[:, None]  # (Q, 1)
+        sink_end = local_start.clamp_max(cfg.sink_slices)
+        forced = (j < sink_end) | ((j >= local_start) & (j <= own[:, None]))  # (Q, n_cols)
+        cand = (j[:Fs] >= sink_end) & (j[:Fs] < local_start) & (s.count[:, :, None, :] > 0)  # (B, 1, Q, F)
+        logits = (scores / math.sqrt(qrows.shape[-1])).masked_fill(~cand, NEG_INF)
+        probs = logits.softmax(-1).nan_to_num(0.0)  # a block with no candidate has all-zero probabilities
+        if cfg.sampling == "gumbel":
+            logits = logits - torch.empty_like(logits).exponential_().log()
+        priority = F.pad(logits, (0, n_cols - Fs), value=NEG_INF).masked_fill(forced, float("inf"))
+        top = priority.topk(min(n_pick, n_cols), dim=-1)
+        return probs, top.indices, top.values > NEG_INF, cand
+
+    def _record(self, layer: int, key_len: int, probs, idx, ok, n_cols: int) -> None:
+        chosen = torch.zeros(*idx.shape[:-1], n_cols, dtype=torch.bool, device=idx.device).scatter_(-1, idx, ok)
+        self.recorder.add(layer, key_len, F.pad(probs, (0, n_cols - probs.shape[-1])), chosen)
+
+    # ------------------------------------------------------------------ decode: one query
+
+    def _decode(self, q, k, v, valid, summaries, layer_idx, gate) -> torch.Tensor:
+        cfg, L = self.config, self.config.slice_len
+        B, H, _, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        Fs = S // L
+        qrows = q.view(B, Hkv, 1, H // Hkv, D)  # (B, H_kv, Q=1, R=G, D)
+        own = torch.tensor([(S - 1) // L], device=q.device)
+        partial = int(S % L != 0)
+        probs, idx, ok, cand = self._plan(qrows, H // Hkv, summaries, own, Fs, cfg.budget_slices - partial)
+        if self.recorder is not None:
+            tail = own.expand(B, Hkv, 1, partial)  # the partial last slice is always attended
+            self._record(layer_idx, S, probs, torch.cat([idx, tail], -1),
+                         torch.cat([ok, torch.ones_like(tail, dtype=torch.bool)], -1), Fs + partial)
+        sel = idx[:, :, 0]  # (B, H_kv, n)
+        b = torch.arange(B, device=q.device)[:, None, None]
+        h = torch.arange(Hkv, device=q.device)[None, :, None]
+        blocks_k = k[:, :, : Fs * L].unflatten(2, (Fs, L))  # (B, H_kv, F, L, D) view of the cache
+        blocks_v = v[:, :, : Fs * L].unflatten(2, (Fs, L))
+        keys = torch.cat([blocks_k[b, h, sel].flatten(2, 3), k[:, :, Fs * L:]], 2).to(q.dtype)  # (B, H_kv, n*L+t, D)
+        values = torch.cat([blocks_v[b, h, sel].flatten(2, 3), v[:, :, Fs * L:]], 2).to(q.dtype)
+        allowed = ok[:, :, 0, :, None].expand(-1, -1, -1, L)  # (B, H_kv, n, L)
+        if valid is not None:
+            allowed = allowed & valid[:, : Fs * L].view(B, 1, Fs, L).expand(-1, Hkv, -1, -1)[b, h, sel]
+            tail = valid[:, None, Fs * L:].expand(-1, Hkv, -1)
+        else:
+            tail = allowed.new_ones(B, Hkv, S - Fs * L)
+        allowed = torch.cat([allowed.flatten(2), tail], -1)[:, :, None, None, :]  # (B, H_kv, 1, 1, n*L+t)
+        out, lse = exact_attention(qrows, keys[:, :, None], values[:, :, None], allowed)
+        if cfg.mediation != "off":
+            picked = torch.zeros(B, Hkv, 1, Fs, dtype=torch.bool, device=q.device).scatter_(-1, idx, ok)
+            out = self._mediate(qrows, out, lse, cand & ~picked, summaries, gate, S)
+        return out.view(B, H, 1, D)
+
+    # ------------------------------------------------------------------ prefill: block-sparse
+
+    def _prefill(self, q, k, v, mask, summaries, layer_idx, gate) -> torch.Tensor:
+        cfg, L = self.config, self.config.slice_len
+        B, H, T, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        G = H // Hkv
+        P0 = S - T  # position of the first query
+        c0, N = P0 // L, -(-S // L)
+        nb, front, back = N - c0, P0 - c0 * L, N * L - S
+        # Queries padded to whole blocks, rows of a block ordered (group head, position): (B, H_kv, nb, G*L, D)
+        qb = F.pad(q, (0, 0, front, back)).view(B, Hkv, G, nb, L, D).transpose(2, 3).reshape(B, Hkv, nb, G * L, D)
+        kb = F.pad(k, (0, 0, 0, back)).unflatten(2, (N, L))  # (B, H_kv, N, L, D)
+        vb = F.pad(v, (0, 0, 0, back)).unflatten(2, (N, L))
+        own = torch.arange(c0, N, device=q.device)
+        n_pick = min(cfg.budget_slices, N)
+        probs, idx, ok, cand = self._plan(qb, G, summaries, own, N, n_pick)
+        if self.recorder is not None:
+            self._record(layer_idx, S, probs, idx, ok, N)
+        b = torch.arange(B, device=q.device)[:, None, None, None]
+        h = torch.arange(Hkv, device=q.device)[None, :, None, None]
+        offsets = torch.arange(L, device=q.device)
+        rows = max(1, BLOCK_CHUNK_ELEMENTS // (B * H * L * n_pick * L + 2 * B * Hkv * n_pick * L * D))
+        outs = []
+        for start in range(0, nb, rows):
+            blk = slice(start, min(start + rows, nb))
+            sel, sel_ok = idx[:, :, blk], ok[:, :, blk]  # (B, H_kv, C, n)
+            keys = kb[b, h, sel].flatten(3, 4).to(q.dtype)  # (B, H_kv, C, n*L, D)
+            values = vb[b, h, sel].flatten(3, 4).to(q.dtype)
+            key_pos = (sel[..., None] * L + offsets).flatten(3)  # (B, H_kv, C, n*L)
+            q_pos = own[blk, None] * L + offsets  # (C, L)
+            allowed = (key_pos[:, :, :, None, :] <= q_pos[:, :, None]) & sel_ok.repeat_interleave(L, -1)[:, :, :, None]
+            if mask is not None:
+                q_row = (q_pos - P0).clamp(0, T - 1)[None, None, :, :, None]
+                allowed = allowed & mask[:, 0][b[..., None], q_row, key_pos.clamp_max(S - 1)[:, :, :, None, :]]
+            allowed = allowed[:, :, :, None]  # (B, H_kv, C, 1, L, n*L): shared by the group's heads
+            out, lse = exact_attention(qb[:, :, blk], keys, values, allowed)
+            if cfg.mediation != "off":
+                picked = torch.zeros(*sel.shape[:3], N, dtype=torch.bool, device=q.device).scatter_(-1, sel, sel_ok)
+                picked = picked[..., : summaries.num_slices]
+                out = self._mediate(qb[:, :, blk], out, lse, cand[:, :, blk] & ~picked, summaries, gate, S)
+            outs.append(out)
+        out = torch.cat(outs, 2).view(B, Hkv, nb, G, L, D).transpose(2, 3).reshape(B, H, nb * L, D)
+        return out[:, :, front : front + T]
+
+    # ------------------------------------------------------------------ mediation
+
+    def _mediate(self, qrows, out, lse, unselected, summaries, gate, key_len) -> torch.Tensor:
+        """Merge the exact branch with one pseudo-token per unselected slice, as two softmax partitions."""
+        s = summaries
+        dtype = qrows.dtype
+        logits = qrows @ s.kmean.to(dtype)[:, :, None].transpose(-1, -2) / math.sqrt(qrows.shape[-1])
+        logits = (logits + s.count.to(dtype).log()[:, :, None, None]).masked_fill(~unselected[:, :, :, None], NEG_INF)
+        lse_m = logits.logsumexp(-1)  # (B, H_kv, Q, R)
+        weights = (logits - lse_m.nan_to_num(0.0, neginf=0.0)[..., None]).exp()
+        out_m = weights @ s.vmean.to(dtype)[:, :, None]  # (B, H_kv, Q, R, D)
+        if gate is not None:
+            left_out = (s.count[:, :, None] * unselected).sum(-1, keepdim=True) / key_len
+            lse_m = lse_m + gate(lse, lse_m, left_out).to(dtype)
+        w_exact = torch.sigmoid(lse - lse_m)[..., None]
+        return w_exact * out + (1 - w_exact) * out_m
+
+
+def exact_attention(
+    qrows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of (B, H_kv, Q, R, D) rows over gathered (B, H_kv, Q, n, D) keys, returning the
+    output and each row's log-sum-exp. ``allowed`` broadcasts to (B, H_kv, Q, [G,] rows, n)."""
+    B, Hkv, Q, R, D = qrows.shape
+    scores = (qrows @ keys.transpose(-1, -2)) / math.sqrt(D)  # (B, H_kv, Q, R, n)
+    if allowed.dim() == 6:  # a per-position mask shared by the group's heads: rows are (G, L)
+        scores = scores.unflatten(3, (-1, allowed.shape[4])).masked_fill(~allowed, NEG_INF).flatten(3, 4)
+    else:
+        scores = scores.masked_fill(~allowed, NEG_INF)
+    lse = scores.logsumexp(-1).clamp_min(torch.finfo(scores.dtype).min)  # padded block rows may see nothing
+    return (scores - lse[..., None]).exp() @ values, lse
+
+
+def key_validity(mask: torch.Tensor | None, query_len: int) -> torch.Tensor | None:
+    """(B, S) True for real (non-padding) keys, read off the backend's (B, 1, T, S) mask.
+
+    A padding key is attended by no query but its own (``build_attention_mask`` lets every query see itself),
+    so a key is real if another query sees it; the last key, which no later query could see, counts as real.
+    """
+    if mask is None:
+        return None
+    m = mask[:, 0]  # (B, T, S)
+    if query_len == 1:
+        return m[:, 0]
+    S = m.shape[-1]
+    P0 = S - query_len
+    current = torch.arange(query_len, device=m.device)
+    seen = m.sum(1)  # (B, S)
+    seen[:, P0:] -= m[:, current, current + P0].long()
+    valid = seen > 0
+    valid[:, -1] = True
+    return valid
+
+
+def attach_gate(attn: nn.Module) -> MediationGate:
+    """Give an attention module its learned mediation gate (kept if it already has one), as a submodule so
+    that optimisers, PEFT and ``state_dict`` see it: ``model.layers.N.self_attn.ama_gate``."""
+    if not isinstance(getattr(attn, "ama_gate", None), MediationGate):
+        device = attn.q_proj.weight.device
+        attn.ama_gate = MediationGate(attn.num_heads).to(device)
+    return attn.ama_gate

@@ -1,0 +1,125 @@
+"""Slice summaries kept next to the KV cache, and a cache that stores keys/values in whole slices.
+
+A slice is ``slice_len`` consecutive cached tokens. The contiguous (B, H, S, D) cache is viewed as
+(B, H, S // slice_len, slice_len, D) blocks without copying; only full slices are summarised, and the
+summaries of a slice are computed once, when it fills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from laformer.cache import KVCache
+
+
+@dataclass
+class SliceSummaries:
+    """Per full slice: channel-wise key min/max (an upper bound of q.k), mean key, mean value, token count."""
+
+    kmin: torch.Tensor  # (B, H, N, D) float32
+    kmax: torch.Tensor
+    kmean: torch.Tensor
+    vmean: torch.Tensor
+    count: torch.Tensor  # (B, 1, N) float32, real (non-padding) tokens in the slice
+
+    @property
+    def num_slices(self) -> int:
+        return self.kmin.shape[2]
+
+    def cat(self, other: SliceSummaries) -> SliceSummaries:
+        return SliceSummaries(*(torch.cat([a, b], dim=2) for a, b in zip(self.fields(), other.fields())))
+
+    def fields(self) -> tuple[torch.Tensor, ...]:
+        return self.kmin, self.kmax, self.kmean, self.vmean, self.count
+
+
+def summarize(
+    k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, slice_len: int, start: int, end: int
+) -> SliceSummaries:
+    """Summaries of slices ``start:end`` of (B, H, S, D) keys/values; ``valid`` (B, S) marks real tokens."""
+    B, H, _, D = k.shape
+    n = end - start
+    span = slice(start * slice_len, end * slice_len)
+    kb = k[:, :, span].float().reshape(B, H, n, slice_len, D)  # (B, H, n, L, D)
+    vb = v[:, :, span].float().reshape(B, H, n, slice_len, D)
+    if valid is None:
+        count = torch.full((B, 1, n), float(slice_len), device=k.device)
+        return SliceSummaries(kb.amin(3), kb.amax(3), kb.mean(3), vb.mean(3), count)
+    keep = valid[:, span].reshape(B, 1, n, slice_len, 1)
+    count = keep.sum(3, dtype=torch.float32)  # (B, 1, n, 1)
+    empty = count == 0
+    kmin = kb.masked_fill(~keep, float("inf")).amin(3).masked_fill(empty, 0.0)
+    kmax = kb.masked_fill(~keep, float("-inf")).amax(3).masked_fill(empty, 0.0)
+    denom = count.clamp_min(1.0)
+    kmean = (kb * keep).sum(3) / denom
+    vmean = (vb * keep).sum(3) / denom
+    return SliceSummaries(kmin, kmax, kmean, vmean, count.squeeze(-1))
+
+
+def update_summaries(
+    state: dict[str, Any] | None, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, slice_len: int
+) -> SliceSummaries:
+    """Bring the summaries in ``state`` (a cache's ``layer_state``) up to date with the full slices of ``k``.
+
+    Only slices that filled since the last call are summarised. Cropping or reordering the cache clears
+    ``layer_state``, which makes this rebuild from the keys.
+    """
+    full = k.shape[2] // slice_len
+    summaries = state.get("ama_summaries") if state is not None else None
+    if summaries is not None and (summaries.kmin.shape[0] != k.shape[0] or summaries.num_slices > full):
+        summaries = None
+    done = 0 if summaries is None else summaries.num_slices
+    if done < full:
+        new = summarize(k, v, valid, slice_len, done, full)
+        summaries = new if summaries is None else summaries.cat(new)
+    elif summaries is None:
+        summaries = summarize(k, v, valid, slice_len, 0, 0)
+    if state is not None:
+        state["ama_summaries"] = summaries
+    return summaries
+
+
+class SlicedKVCache(KVCache):
+    """A ``KVCache`` whose buffers grow in whole slices, so a decode step writes one token instead of
+    copying the whole cache (``torch.cat``) as the plain cache does. ``keys[i]`` are views of the buffers."""
+
+    def __init__(self, num_layers: int, slice_len: int = 64, capacity: int = 0) -> None:
+        super().__init__(num_layers)
+        self.slice_len = slice_len
+        self.capacity = capacity
+        self._kbuf: list[torch.Tensor | None] = [None] * num_layers
+        self._vbuf: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        length = self.get_seq_length(layer_idx)
+        end = length + k.shape[2]
+        kbuf = self._kbuf[layer_idx]
+        if kbuf is None or end > kbuf.shape[2]:
+            size = max(self.capacity, 2 * end)
+            size = -(-size // self.slice_len) * self.slice_len
+            self._kbuf[layer_idx] = self._grow(kbuf, k, size, length)
+            self._vbuf[layer_idx] = self._grow(self._vbuf[layer_idx], v, size, length)
+        self._kbuf[layer_idx][:, :, length:end] = k
+        self._vbuf[layer_idx][:, :, length:end] = v
+        self.keys[layer_idx] = self._kbuf[layer_idx][:, :, :end]
+        self.values[layer_idx] = self._vbuf[layer_idx][:, :, :end]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    @staticmethod
+    def _grow(old: torch.Tensor | None, new: torch.Tensor, size: int, length: int) -> torch.Tensor:
+        B, H, _, D = new.shape
+        buf = new.new_empty(B, H, size, D)
+        if old is not None and length:
+            buf[:, :, :length] = old[:, :, :length]
+        return buf
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        self._kbuf = [None if k is None else k.contiguous() for k in self.keys]
+        self._vbuf = [None if v is None else v.contiguous() for v in self.values]
+
+    def crop(self, length: int) -> None:
+        super().crop(length)  # keys become shorter views of the same buffers: later writes overwrite the rest

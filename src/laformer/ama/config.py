@@ -1,0 +1,96 @@
+"""The knobs of Actively Mediated Attention, checked once so the hot path never has to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from laformer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from laformer.ama.attention import AMAAttention
+    from laformer.ama.recorder import SelectionRecorder
+
+SCORES = ("bound", "mean")
+MEDIATIONS = ("off", "estimate", "learned")
+SAMPLINGS = ("topk", "gumbel")
+
+
+@dataclass
+class AMAConfig:
+    """Which tokens each query attends to exactly, and how the rest are summarised.
+
+    The exact budget is counted in tokens and spent in whole slices: ``sink_slices`` first slices (attention
+    sinks), a local window of ``local_window`` tokens (the query's own slice and the ones before it), and as
+    many of the most probable remaining slices as fit. ``local_window = budget - sink_slices * slice_len`` gives
+    the StreamingLLM-style sinks + window baseline (no slice is selected).
+    """
+
+    slice_len: int = 64
+    budget: int = 1024
+    sink_slices: int = 1
+    local_window: int = 128
+    score: str = "bound"  # "bound": min/max upper bound of q.k; "mean": q . mean key
+    mediation: str = "estimate"  # "off" | "estimate" (training-free) | "learned" (trainable gate)
+    sampling: str = "topk"  # "topk" (deterministic) | "gumbel" (stochastic top-k, for training)
+    dense_layers: int = 0  # the first N layers keep full attention
+    return_selection: bool = False  # record slice probabilities and choices in ``recorder``
+    recorder: SelectionRecorder | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.slice_len < 1:
+            raise ConfigError(f"AMA slice_len must be >= 1, got {self.slice_len}; 32-128 tokens is typical")
+        if self.budget % self.slice_len or self.local_window % self.slice_len:
+            raise ConfigError(
+                f"AMA budget ({self.budget}) and local_window ({self.local_window}) must be multiples of "
+                f"slice_len ({self.slice_len}), since whole slices are attended; round them to a multiple"
+            )
+        if self.local_window < self.slice_len:
+            raise ConfigError(
+                f"AMA local_window ({self.local_window}) must cover at least the query's own slice; "
+                f"set it to a multiple of slice_len >= {self.slice_len}"
+            )
+        if self.sink_slices < 0 or self.dense_layers < 0:
+            raise ConfigError("AMA sink_slices and dense_layers must be >= 0")
+        if self.num_selected < 0:
+            raise ConfigError(
+                f"AMA budget {self.budget} is smaller than sinks ({self.sink_slices * self.slice_len}) + "
+                f"local window ({self.local_window}); raise the budget or shrink the window"
+            )
+        for name, value, allowed in (
+            ("score", self.score, SCORES),
+            ("mediation", self.mediation, MEDIATIONS),
+            ("sampling", self.sampling, SAMPLINGS),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"AMA {name} {value!r} is not supported; use one of {allowed}")
+        if self.return_selection and self.recorder is None:
+            from laformer.ama.recorder import SelectionRecorder
+
+            self.recorder = SelectionRecorder()
+
+    @property
+    def budget_slices(self) -> int:
+        return self.budget // self.slice_len
+
+    @property
+    def local_slices(self) -> int:
+        return self.local_window // self.slice_len
+
+    @property
+    def num_selected(self) -> int:
+        """Slices chosen by score, once the sinks and the local window are paid for."""
+        return self.budget_slices - self.sink_slices - self.local_slices
+
+    def describe(self) -> str:
+        """The budget the way the issue asks it reported: sinks + local window + selected slices x slice_len."""
+        return (
+            f"budget {self.budget} = sinks {self.sink_slices * self.slice_len} + local {self.local_window} + "
+            f"{self.num_selected} selected x {self.slice_len}"
+        )
+
+    def build_backend(self, decoder) -> AMAAttention:
+        """The attention backend for ``decoder`` (``LaFormerModel.set_attention`` calls this)."""
+        from laformer.ama.attention import AMAAttention
+
+        return AMAAttention(self, decoder)

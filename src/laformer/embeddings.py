@@ -1,0 +1,46 @@
+"""Sentence embeddings from any laformer model: mean of the decoder's last hidden states over real tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from laformer.errors import ConfigError
+
+
+@torch.no_grad()
+def encode(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: str | Sequence[str],
+    batch_size: int = 16,
+    max_length: int = 512,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Embed ``texts`` as a float32 (N, hidden) tensor, L2-normalised unless ``normalize=False``.
+
+    Works with the bare decoder, the causal LM and the classifier alike (only ``model.decoder`` runs). Texts are
+    batched by length so little compute goes to padding; the result keeps the input order.
+    """
+    if batch_size < 1 or max_length < 1:
+        raise ConfigError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    decoder = model.decoder
+    if not texts:
+        return torch.empty(0, decoder.config.hidden_size)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    device = decoder.embed_tokens.weight.device
+    pooled = []
+    for start in range(0, len(texts), batch_size):
+        chunk = [texts[i] for i in order[start: start + batch_size]]
+        batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", truncation=True,
+                          max_length=max_length)
+        mask = batch.attention_mask.to(device)
+        hidden = decoder(batch.input_ids.to(device), attention_mask=mask).last_hidden_state.float()  # (B, T, D)
+        weights = mask.unsqueeze(-1).float()
+        pooled.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0))
+    embeddings = torch.empty(len(texts), pooled[0].shape[-1])
+    embeddings[order] = torch.cat(pooled).cpu()
+    return F.normalize(embeddings, dim=-1) if normalize else embeddings

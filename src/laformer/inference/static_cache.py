@@ -1,0 +1,113 @@
+"""A preallocated key/value cache: fixed buffers written in place, so decoding allocates nothing per token.
+
+It speaks the ``KVCache`` interface (``update``, ``get_seq_length``, ``layer_state``, ``reorder``, ``crop``) in two
+modes. By default every row appends at the same offset and ``update`` returns views of the filled part, so it
+drops into ``LaFormerForCausalLM.forward`` and ``laformer.generation.generate(cache=...)`` as is. When an engine
+sets ``slots`` (a (B, T) tensor of buffer columns), ``update`` scatters each row's new keys into its own columns
+and returns the whole fixed-shape buffers; the engine then passes a mask over all columns. Fixed shapes and no
+Python integers on the hot path are what let ``torch.compile`` trace the step once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from laformer.config import LaFormerConfig
+from laformer.errors import GenerationError
+
+
+class StaticKVCache:
+    def __init__(
+        self,
+        config: LaFormerConfig,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if batch_size < 1 or max_length < 1:
+            raise GenerationError(
+                f"a static cache needs batch_size >= 1 and max_length >= 1, got {batch_size} and {max_length}"
+            )
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)  # (B, Hkv, S, D)
+        layers = config.num_hidden_layers
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.layer_state: list[dict[str, Any]] = [{} for _ in range(layers)]
+        self.lengths = [0] * layers  # filled columns per layer, append mode only
+        self.slots: torch.Tensor | None = None  # (B, Hkv, T, D) scatter index, slot mode only
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def set_slots(self, slots: torch.Tensor | None) -> None:
+        """Switch to slot mode: row b's t-th new token goes to column ``slots[b, t]`` (None: back to append)."""
+        if slots is None:
+            self.slots = None
+            return
+        B, T = slots.shape
+        _, H, _, D = self.keys[0].shape
+        self.slots = slots[:, None, :, None].expand(B, H, T, D)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.slots is not None:
+            keys.scatter_(2, self.slots, k)
+            values.scatter_(2, self.slots, v)
+            return keys, values
+        start = self.lengths[layer_idx]
+        end = start + k.shape[-2]
+        if end > keys.shape[2]:
+            raise GenerationError(
+                f"the static cache holds {keys.shape[2]} positions but {end} are needed; "
+                "build it with a larger max_length (prompt length + max_new_tokens)"
+            )
+        keys[:, :, start:end].copy_(k)
+        values[:, :, start:end].copy_(v)
+        self.lengths[layer_idx] = end
+        return keys[:, :, :end], values[:, :, :end]
+
+    def rows(self, start: int, stop: int) -> "StaticKVCache":
+        """A cache over rows ``start:stop`` sharing these buffers (writes land here), for filling one row."""
+        view = object.__new__(StaticKVCache)
+        view.keys = [k[start:stop] for k in self.keys]
+        view.values = [v[start:stop] for v in self.values]
+        view.layer_state = [{} for _ in self.keys]
+        view.lengths = [0] * len(self.keys)
+        view.slots = None
+        return view
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row b becomes old row ``index[b]`` (beam-search style); the batch size of a static cache is fixed."""
+        if index.numel() != self.batch_size:
+            raise GenerationError(
+                f"a static cache keeps its batch of {self.batch_size} rows but got {index.numel()} indices; "
+                "pass one source row per row (repeat rows to fill finished slots) or use the growable KVCache"
+            )
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                buf.copy_(buf.index_select(0, index))
+        self.layer_state = [{} for _ in self.keys]
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first ``length`` positions (append mode)."""
+        self.lengths = [min(n, length) for n in self.lengths]
+        self.layer_state = [{} for _ in self.keys]
+
+    def reset(self) -> None:
+        self.lengths = [0] * len(self.keys)
+        self.slots = None
+        self.layer_state = [{} for _ in self.keys]

@@ -1,0 +1,141 @@
+"""Weight-only quantization as module swaps: every ``nn.Linear`` becomes an int8 or int4 linear.
+
+``quantize_model(model, "int8" | "int4", group_size)`` swaps in place; ``from_pretrained(..., quantize=...)``
+calls it, taking GGUF Q8_0/Q4_0/Q4_1 tensors over byte for byte when their format is the requested one.
+
+Checkpoint format (``save_pretrained`` of a quantized model, loaded back quantized by ``from_pretrained``):
+``model.safetensors`` holds, for each quantized linear ``<name>``, ``<name>.qweight`` (int8 ``(out, in)`` or
+uint8 ``(out, in/2)`` packed nibbles in ggml's order), ``<name>.scales`` (float32 ``(out, in/group_size)``) and,
+for int4, ``<name>.mins`` (float32, same shape); value = q * scale (+ min). Everything else (embedding, norms, a
+classifier's ``score``) stays float. ``config.json`` carries ``quantization_config`` (``quant_method:
+"laformer"``, ``mode``, ``group_size``) both at the top level, so that ``transformers`` refuses the folder instead
+of loading garbage, and under ``laformer``, which is what marks the folder as quantized for us.
+The embedding stays float even when the tied output head is quantized: a lookup reads one row, it costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from laformer.errors import ConfigError
+from laformer.quantization.linear import (
+    QuantizedLinear,
+    WeightOnlyInt4Linear,
+    WeightOnlyInt8Linear,
+    check_group_size,
+)
+
+MODES = {"int8": WeightOnlyInt8Linear, "int4": WeightOnlyInt4Linear}
+DEFAULT_GROUP_SIZE = {"int8": None, "int4": 64}  # int8: one scale per output channel
+SKIPPED = ("score", "lora_A", "lora_B")  # tiny or trained layers stay float
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError(f"quantization mode {mode!r} is not supported; use one of {sorted(MODES)}")
+
+
+def _targets(model: nn.Module) -> list[str]:
+    return [
+        name for name, module in model.named_modules()
+        if type(module) is nn.Linear and not any(part in SKIPPED for part in name.split("."))
+    ]
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    mode: str = "int8",
+    group_size: int | None = None,
+    gguf_tensors: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Swap every float linear (output head included, classifier head excluded) for a quantized one, in place.
+
+    ``group_size``: inputs sharing one scale, a multiple of 32 dividing in_features; None picks the mode's
+    default (int8: one scale per output channel, int4: 64).
+    ``gguf_tensors`` (``laformer.formats.gguf.read_gguf_tensors``): raw tensors under Hugging Face names; those
+    already stored in the requested format (Q8_0 for int8, Q4_0/Q4_1 for int4) are taken over exactly, with
+    their group size of 32, when ``group_size`` is None or 32. The rest are quantized from the floats.
+    """
+    check_mode(mode)
+    direct = _direct_sources(model, gguf_tensors, mode) if gguf_tensors and group_size in (None, 32) else {}
+    if group_size is None:
+        group_size = DEFAULT_GROUP_SIZE[mode]
+    targets = _targets(model)
+    for name in targets:  # validate everything before changing anything
+        linear = model.get_submodule(name)
+        if group_size is not None:
+            check_group_size(group_size, linear.in_features, name, MODES[mode].bits)
+    for name in targets:
+        linear = model.get_submodule(name)
+        info = direct.get(name)
+        if info is not None and tuple(info.shape) == (linear.out_features, linear.in_features):
+            from laformer.quantization.gguf import linear_from_ggml
+
+            quantized = linear_from_ggml(info.data, info.qtype, info.shape).to(linear.weight.device)
+        else:
+            quantized = MODES[mode].from_float(linear, group_size, name=name)
+        _set(model, name, quantized)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.extra["quantization_config"] = {"quant_method": "laformer", "mode": mode, "group_size": group_size}
+    return model
+
+
+def _direct_sources(model: nn.Module, tensors: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Module name -> raw GGUF tensor, for the targets stored in a format that maps onto ``mode`` exactly."""
+    from laformer.quantization.gguf import DIRECT_TYPES
+
+    prefix = "" if getattr(model, "base_model_prefix", "model") else "model."
+    sources = {}
+    for name in _targets(model):
+        info = tensors.get(f"{prefix}{name}.weight")
+        if info is None and name == "lm_head":  # tied output head: the embedding's blocks
+            info = tensors.get("model.embed_tokens.weight")
+        if info is not None and info.qtype in DIRECT_TYPES[mode]:
+            sources[name] = info
+    return sources
+
+
+def swap_for_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Replace the linears that ``state`` holds quantized (``<name>.qweight``) by empty quantized modules.
+
+    Used on a model built on the meta device before a quantized checkpoint is assigned into it; bits and group
+    size are read off the tensors (int8 or uint8 ``qweight``, ``scales`` columns).
+    """
+    for key, qweight in state.items():
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        linear = model.get_submodule(name)
+        scales = state[f"{name}.scales"]
+        group = linear.in_features // scales.shape[1]
+        cls = WeightOnlyInt8Linear if qweight.dtype == torch.int8 else WeightOnlyInt4Linear
+        module = cls(linear.in_features, linear.out_features, group, linear.bias is not None, device="meta")
+        _set(model, name, module)
+        for buffer in ("scales", "mins"):
+            if f"{name}.{buffer}" in state:
+                state[f"{name}.{buffer}"] = state[f"{name}.{buffer}"].float()
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+__all__ = [
+    "MODES",
+    "QuantizedLinear",
+    "WeightOnlyInt4Linear",
+    "WeightOnlyInt8Linear",
+    "is_quantized",
+    "quantize_model",
+    "swap_for_state_dict",
+]

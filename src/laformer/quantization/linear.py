@@ -1,0 +1,165 @@
+"""Weight-only quantized replacements for ``nn.Linear``: int8 (symmetric) and int4 (asymmetric, group-wise).
+
+The weights live in buffers (``qweight``, ``scales``, ``mins``) under the linear's own name, so a quantized
+model's ``state_dict`` is its checkpoint. Activations stay in float: small batches (decode) use the compiled
+kernel, larger ones (prefill, training) dequantize the matrix once per call and use the float matmul, which
+is faster there. There is deliberately no ``weight`` attribute: code that would modify ``weight`` in place
+(merging an adapter, say) must fail rather than write into a temporary copy; ``dequantize()`` gives the matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from laformer.errors import ConfigError
+from laformer.quantization import kernels
+
+CHUNK = 32  # values per packed chunk; group sizes and the kernel's K are multiples of it
+KERNEL_MAX_ROWS = 16  # above this many rows, dequantize + float matmul measured faster (bench/quantize.py)
+
+
+def check_group_size(group_size: int, in_features: int, name: str = "linear", bits: int = 4) -> None:
+    """Raise a ConfigError unless ``group_size`` is a positive multiple of 32 dividing ``in_features``."""
+    if not isinstance(group_size, int) or group_size <= 0 or group_size % CHUNK or in_features % group_size:
+        valid = [g for g in range(CHUNK, in_features + 1, CHUNK) if in_features % g == 0][:6]
+        raise ConfigError(
+            f"group_size {group_size!r} cannot be used for the int{bits} layer {name} with in_features "
+            f"{in_features}: it must be a multiple of {CHUNK} that divides in_features; use one of {valid}"
+            + ("" if bits == 4 else " or None (one scale per output channel)")
+        )
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values in 0..15 -> (N, K/2) uint8, value j and j+16 of each 32-chunk sharing a byte (ggml order)."""
+    N, K = q.shape
+    chunks = q.to(torch.uint8).view(N, K // CHUNK, 2, CHUNK // 2)
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int4``: (N, K/2) uint8 -> (N, K) uint8 values in 0..15."""
+    N, half = packed.shape
+    chunks = packed.view(N, half // (CHUNK // 2), CHUNK // 2)
+    return torch.stack((chunks & 0x0F, chunks >> 4), dim=2).reshape(N, half * 2)
+
+
+class QuantizedLinear(nn.Module):
+    """Shared by both widths: shapes, the float fallback and the kernel dispatch."""
+
+    bits: int
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("scales", torch.ones(out_features, groups, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    def _mins(self) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if (
+            rows <= KERNEL_MAX_ROWS
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and self.in_features % CHUNK == 0
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and kernels.available()
+        ):
+            mins = self._mins()
+            y = kernels.qgemm(
+                x.reshape(rows, self.in_features).contiguous(), self.qweight, self.scales.float().contiguous(),
+                None if mins is None else mins.float().contiguous(), self.bits, self.group_size,
+            ).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        # Gradients flow to x (QLoRA) through F.linear; the quantized weights are buffers and stay frozen.
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+class WeightOnlyInt8Linear(QuantizedLinear):
+    """int8 weights, one float scale per output channel (``group_size=None``) or per group of inputs.
+
+    value = qweight * scale. ggml's Q8_0 is exactly this with group_size 32.
+    """
+
+    bits = 8
+
+    def __init__(self, in_features: int, out_features: int, group_size: int | None = None, bias: bool = False,
+                 device=None) -> None:
+        super().__init__(in_features, out_features, group_size or in_features, bias, device)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear, group_size: int | None = None, name: str = "linear") -> "WeightOnlyInt8Linear":
+        N, K = linear.out_features, linear.in_features
+        if group_size is not None:
+            check_group_size(group_size, K, name, bits=8)
+        G = group_size or K
+        module = cls(K, N, group_size, linear.bias is not None, device=linear.weight.device)
+        w = linear.weight.detach().float().view(N, K // G, G)
+        scales = w.abs().amax(-1) / 127
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        module.qweight.copy_(torch.round(w / scales[..., None]).clamp_(-127, 127).view(N, K))
+        module.scales.copy_(scales)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        N, K, G = self.out_features, self.in_features, self.group_size
+        w = self.qweight.view(N, K // G, G).float() * self.scales.float()[..., None]
+        return w.view(N, K).to(dtype)
+
+
+class WeightOnlyInt4Linear(QuantizedLinear):
+    """4-bit weights in groups of ``group_size`` inputs, each with a float scale and minimum.
+
+    value = q * scale + min, q in 0..15, two values per byte (see ``pack_int4``). ggml's Q4_1 is exactly this
+    with group_size 32, and Q4_0 too (min = -8 * scale).
+    """
+
+    bits = 4
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 64, bias: bool = False,
+                 device=None) -> None:
+        check_group_size(group_size, in_features)
+        super().__init__(in_features, out_features, group_size, bias, device)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("mins", torch.zeros(out_features, in_features // group_size, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear, group_size: int = 64, name: str = "linear") -> "WeightOnlyInt4Linear":
+        N, K, G = linear.out_features, linear.in_features, group_size
+        check_group_size(G, K, name)
+        module = cls(K, N, G, linear.bias is not None, device=linear.weight.device)
+        w = linear.weight.detach().float().view(N, K // G, G)
+        low, high = w.amin(-1), w.amax(-1)
+        scales = (high - low) / 15
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round((w - low[..., None]) / scales[..., None]).clamp_(0, 15)
+        module.qweight.copy_(pack_int4(q.view(N, K)))
+        module.scales.copy_(scales)
+        module.mins.copy_(low)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+
+    def _mins(self) -> torch.Tensor:
+        return self.mins
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        N, K, G = self.out_features, self.in_features, self.group_size
+        q = unpack_int4(self.qweight).view(N, K // G, G).float()
+        # Multiply then add (no fused multiply-add), as ggml's reference dequantization does: bit-exact with it.
+        w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
+        return w.view(N, K).to(dtype)

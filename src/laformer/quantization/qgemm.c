@@ -1,0 +1,102 @@
+/* Weight-only quantized matrix products for small batches (decode): y[M,N] = x[M,K] @ dequant(W)^T.
+ *
+ * Activations stay float32; weights are widened to float32 in registers, so the result equals the float product
+ * with the dequantized weights up to summation order. Built by laformer.quantization.kernels with AVX2 + FMA.
+ *
+ * Layouts (the module buffers, unchanged):
+ *   bits 8: w int8 [N, K]; value = w * scales[n, k / G]
+ *   bits 4: w uint8 [N, K / 2] in chunks of 32 values: byte j of a chunk holds value j (low nibble) and value
+ *           j + 16 (high nibble), as ggml's Q4_0/Q4_1 blocks do; value = q * scales[n, k / G] + mins[n, k / G]
+ * K and G are multiples of 32, G divides K. mins may be NULL (symmetric).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 32 weights as four vectors of 8 floats. */
+static inline void widen_q8(const int8_t *p, __m256 w[4]) {
+    for (int j = 0; j < 4; j++)
+        w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * j))));
+}
+
+static inline void widen_q4(const uint8_t *p, __m256 w[4]) {
+    const __m256i low = _mm256_set1_epi32(0x0F);
+    __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));        /* bytes 0..7 */
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));  /* bytes 8..15 */
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, low));  /* values 0..7 */
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));  /* values 8..15 */
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));   /* values 16..23 */
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));   /* values 24..31 */
+}
+
+/* One output column n for R consecutive rows of x: each weight chunk is widened once and used R times.
+   Four accumulators per row keep the FMA chains independent. */
+#define DEFINE_COLUMN(NAME, BITS, R)                                                                           \
+    static void NAME(const float *x, const void *w, const float *scales, const float *mins, const float *xsum, \
+                     float *y, int64_t m0, int64_t n, int64_t N, int64_t K, int64_t G) {                       \
+        const int64_t groups = K / G;                                                                          \
+        __m256 out[R];                                                                                         \
+        float offset[R];                                                                                       \
+        for (int r = 0; r < R; r++) { out[r] = _mm256_setzero_ps(); offset[r] = 0.f; }                       \
+        for (int64_t g = 0; g < groups; g++) {                                                                 \
+            __m256 acc[R][4];                                                                                  \
+            for (int r = 0; r < R; r++)                                                                        \
+                for (int j = 0; j < 4; j++) acc[r][j] = _mm256_setzero_ps();                                   \
+            for (int64_t k = g * G; k < (g + 1) * G; k += 32) {                                                \
+                __m256 v[4];                                                                                   \
+                if (BITS == 8) widen_q8((const int8_t *)w + n * K + k, v);                                     \
+                else widen_q4((const uint8_t *)w + n * (K / 2) + k / 2, v);                                    \
+                for (int r = 0; r < R; r++) {                                                                  \
+                    const float *xr = x + (m0 + r) * K + k;                                                    \
+                    for (int j = 0; j < 4; j++)                                                                \
+                        acc[r][j] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xr + 8 * j), acc[r][j]);            \
+                }                                                                                              \
+            }                                                                                                  \
+            const __m256 s = _mm256_set1_ps(scales[n * groups + g]);                                           \
+            for (int r = 0; r < R; r++) {                                                                      \
+                __m256 t = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])); \
+                out[r] = _mm256_fmadd_ps(s, t, out[r]);                                                        \
+                if (mins) offset[r] += mins[n * groups + g] * xsum[(m0 + r) * groups + g];                     \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int r = 0; r < R; r++) y[(m0 + r) * N + n] = hsum(out[r]) + offset[r];                            \
+    }
+
+DEFINE_COLUMN(column_q8_1, 8, 1)
+DEFINE_COLUMN(column_q8_2, 8, 2)
+DEFINE_COLUMN(column_q4_1, 4, 1)
+DEFINE_COLUMN(column_q4_2, 4, 2)
+
+void laformer_qgemm(int bits, const float *x, const void *w, const float *scales, const float *mins, float *y,
+                    int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+    const int64_t groups = K / G;
+    float *xsum = NULL;
+    if (mins) { /* sum_k (q*s + m) x_k = s * sum_k q x_k + m * sum_k x_k: the group sums of x are shared by all n */
+        xsum = (float *)malloc(sizeof(float) * M * groups);
+        for (int64_t i = 0; i < M * groups; i++) {
+            float s = 0.f;
+            for (int64_t k = 0; k < G; k++) s += x[i * G + k];
+            xsum[i] = s;
+        }
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) {
+            if (bits == 8) column_q8_2(x, w, scales, mins, xsum, y, m, n, N, K, G);
+            else column_q4_2(x, w, scales, mins, xsum, y, m, n, N, K, G);
+        }
+        if (m < M) {
+            if (bits == 8) column_q8_1(x, w, scales, mins, xsum, y, m, n, N, K, G);
+            else column_q4_1(x, w, scales, mins, xsum, y, m, n, N, K, G);
+        }
+    }
+    free(xsum);
+}

@@ -1,0 +1,61 @@
+"""The Trainer under ``torchrun``: 2 CPU processes (gloo) reach the weights of 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from _training_helpers import sentiment_examples, tiny_classifier, tiny_tokenizer
+
+from laformer.training import ClassificationDataset, Trainer, TrainingArguments, build_label_map
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    from test_distributed import train
+    model = train(sys.argv[1], per_process_batch=2)
+    if dist.get_rank() == 0:
+        torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, sys.argv[1] + "/weights.pt")
+    dist.destroy_process_group()
+    """
+)
+
+
+def train(output_dir: str, per_process_batch: int):
+    texts, labels = sentiment_examples(16)
+    label2id = build_label_map(labels)
+    dataset = ClassificationDataset(texts, [label2id[y] for y in labels], tiny_tokenizer(), max_length=16)
+    model = tiny_classifier(seed=5)
+    arguments = TrainingArguments(output_dir=output_dir, learning_rate=3e-3, max_steps=3, batch_size=per_process_batch,
+                                  gradient_accumulation_steps=2, report_to=[], progress_bar=False)
+    Trainer(model, arguments, dataset).train()
+    return model
+
+
+def test_two_process_ddp_equals_single_process(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               "--master_port=0", str(script), str(tmp_path / "ddp")]
+    (tmp_path / "ddp").mkdir()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    distributed = torch.load(tmp_path / "ddp" / "weights.pt")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(str(tmp_path / "single"), per_process_batch=4)
+    finally:
+        torch.set_num_threads(threads)
+    for name, param in single.named_parameters():
+        torch.testing.assert_close(distributed[name], param.detach(), rtol=1e-4, atol=1e-6)
