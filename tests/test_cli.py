@@ -58,16 +58,11 @@ def test_installed_entry_point():
     assert all(name in result.stdout for name in SUBCOMMANDS)
 
 
-def test_generate_chat_streams_the_answer(default_loaded, capsys):
-    assert main(["generate", "What is the capital of France?", "--chat", "--max-new-tokens", "8"]) == 0
-    assert "Paris" in capsys.readouterr().out
-    assert default_loaded == ["smollm2-135m-instruct"]
-
-
-def test_generate_stop_string_is_not_printed(default_loaded, capsys):
+def test_generate_chat_streams_the_answer_and_hides_stop_strings(default_loaded, capsys):
     args = ["generate", "What is the capital of France?", "--chat", "--max-new-tokens", "8"]
     assert main(args) == 0
     full = capsys.readouterr().out.strip()
+    assert "Paris" in full and default_loaded == ["smollm2-135m-instruct"]
     assert main(args + ["--stop", "Paris"]) == 0
     assert capsys.readouterr().out.strip() == full[: full.index("Paris")].strip()
 
@@ -97,7 +92,7 @@ def test_chat_keeps_history_and_resets(default_loaded, monkeypatch, capsys):
 
     monkeypatch.setattr(laformer.generation, "stream", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("My name is Ada.\nWhat is my name?\n/reset\nHello\n/exit\nignored\n"))
-    assert main(["chat", "--max-new-tokens", "6"]) == 0
+    assert main(["chat", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "(conversation reset)" in out
     assert len(prompts) == 3

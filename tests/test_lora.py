@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from laformer import CheckpointError, ConfigError, LaFormerConfig, LaFormerForCausalLM, LaFormerForSequenceClassification
+from laformer import (
+    CheckpointError,
+    ConfigError,
+    LaFormerConfig,
+    LaFormerForCausalLM,
+    LaFormerForSequenceClassification,
+)
 from laformer.peft import (
     LoraConfig,
     LoRALinear,
@@ -207,20 +213,20 @@ def test_lora_trains_over_a_quantized_base():
         merge_adapter(model)
 
 
-def test_quantize_module_composes_with_lora():
-    quantize = pytest.importorskip("laformer.quantize")
-    cls = getattr(quantize, "WeightOnlyInt8Linear", None)
-    if cls is None:
-        pytest.skip("laformer.quantize has no WeightOnlyInt8Linear")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_qlora_on_laformer_quantized_model(mode):
+    quantization = pytest.importorskip("laformer.quantization")
     model = tiny_model()
-    layer = model.model.layers[0].self_attn
-    try:
-        layer.q_proj = cls.from_linear(layer.q_proj) if hasattr(cls, "from_linear") else cls(layer.q_proj)
-    except TypeError:
-        pytest.skip("WeightOnlyInt8Linear has an unexpected constructor")
-    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    quantization.quantize_model(model, mode, group_size=32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, quantization.QuantizedLinear)
     train_steps(model, steps=2)
     assert model.model.layers[0].self_attn.q_proj.lora_B.weight.abs().sum() > 0
+    with torch.no_grad():
+        adapted = model(TOKENS).logits
+        merged = merge_and_unload(model)  # dequantized + merged: a float model with the same function
+        assert isinstance(merged.model.layers[0].self_attn.q_proj, nn.Linear)
+        torch.testing.assert_close(merged(TOKENS).logits, adapted, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -258,8 +264,10 @@ def test_adapter_for_another_base_model_raises(tmp_path):
     save_adapter(model, tmp_path)
     with pytest.raises(CheckpointError, match="has shape .* different base model"):
         load_adapter(tiny_model(hidden_size=48, num_attention_heads=4), tmp_path)
+    other = tiny_model(num_hidden_layers=1)
     with pytest.raises(CheckpointError, match="which this model lacks"):
-        load_adapter(tiny_model(num_hidden_layers=1), tmp_path)
+        load_adapter(other, tmp_path)
+    assert not hasattr(other, "peft_config") and not any(isinstance(m, LoRALinear) for m in other.modules())
     with pytest.raises(CheckpointError, match="no adapter_config.json"):
         load_adapter(tiny_model(), tmp_path / "missing")
 
@@ -280,3 +288,9 @@ def test_default_model_summary(default_model):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, default_model(ids).logits, atol=0, rtol=0)
+
+
+def test_tied_output_head_is_refused():
+    model = tiny_model(tie_word_embeddings=True)
+    with pytest.raises(ConfigError, match="tied"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj", "lm_head"]))

@@ -197,6 +197,12 @@ def test_max_length_padding_and_truncation(default_tokenizer):
     assert tok([], padding=True).input_ids == []
 
 
+def test_truncation_defaults_to_model_max_length(spm):
+    assert len(spm("hello " * 100, truncation=True).input_ids) == spm.model_max_length == 64
+    unbounded = _tiny_byte_level()  # no model_max_length: truncation=True without max_length keeps everything
+    assert unbounded("abcabc", truncation=True).input_ids == unbounded.encode("abcabc")
+
+
 def test_truncation_keeps_bos(spm):
     full = spm.encode("hello world hello world")
     assert full[0] == spm.bos_token_id
@@ -293,6 +299,49 @@ def test_stream_decoder_byte_fallback(spm):
     ids = spm.encode("hello 你 world", add_special_tokens=False)
     stream = spm.stream_decoder()
     assert "".join(stream.step(i) for i in ids) + stream.flush() == "hello 你 world"
+
+
+def write_byte_level_gguf(path, pre):
+    """A tiny byte-level BPE GGUF (tokens spelled in GPT-2's byte alphabet), with control and user-defined tokens."""
+    gguf = pytest.importorskip("gguf")
+    from laformer.tokenizer import _byte_alphabet
+
+    alphabet = list(_byte_alphabet().values())
+    merges = ["Ġ t", "h e", "Ġt he", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2", "12 3", "Ċ Ċ", "Ġ Ġ", "' s"]
+    tokens = alphabet + [m.replace(" ", "") for m in merges] + ["<|begin_of_text|>", "<|end_of_text|>", "<think>"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (len(tokens) - 3) + [3, 3, 4])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(len(tokens) - 3)
+    writer.add_eos_token_id(len(tokens) - 2)
+    writer.add_add_bos_token(True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt2"])
+def test_byte_level_gguf_pre_tokenizers_match_transformers(tmp_path, pre):
+    """Llama-3 splits numbers in groups of three, Qwen2 digit by digit, GPT-2 not at all."""
+    transformers = pytest.importorskip("transformers")
+    path = write_byte_level_gguf(tmp_path / f"{pre}.gguf", pre)
+    ours = LaFormerTokenizer.from_pretrained(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ["the world's 12345 word\n\n  x", "  123 <think>the</think><|end_of_text|>", "héllo 你好 😀",
+                 "\t\t1\r\n"]:
+        assert ours.encode(text) == theirs(text).input_ids, text
+        assert ours.decode(ours.encode(text), skip_special_tokens=True) == text.replace("<|end_of_text|>", "")
+    assert ours.add_bos_token and ours.encode("")[0] == ours.bos_token_id
+
+
+def test_unknown_pre_tokenizer_warns(tmp_path):
+    with pytest.warns(UserWarning, match="unknown GGUF pre-tokenizer 'mystery'"):
+        LaFormerTokenizer.from_pretrained(write_byte_level_gguf(tmp_path / "m.gguf", "mystery"))
 
 
 # ---- errors

@@ -12,6 +12,7 @@ from laformer.errors import (
 )
 from laformer.formats.registry import DEFAULT_MODEL
 from laformer.model import LaFormerForCausalLM, LaFormerForSequenceClassification, LaFormerModel
+from laformer.tokenizer import LaFormerTokenizer
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "LaFormerForCausalLM",
     "LaFormerForSequenceClassification",
     "LaFormerModel",
+    "LaFormerTokenizer",
     "TokenizerError",
     "TrainingError",
 ]

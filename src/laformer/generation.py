@@ -194,13 +194,18 @@ def generate_steps(
     seed: int | None = None,
     attention: AttentionBackend | None = None,
     cache: KVCache | None = None,
+    engine=None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(tokens, finished)`` per step: the new token of every row (B,) and which rows are now done.
 
     Finished rows receive the pad id. ``cache`` is the empty cache to fill (default: a new growable ``KVCache``),
     which is where a preallocated static cache slots in. ``attention`` routes the model's attention through another
-    backend for this call only.
+    backend for this call only. ``engine`` (a ``laformer.inference.DecodeEngine`` built on ``model``) runs the
+    prefill and decode steps on the lean path instead: static cache, fused projections, optionally compiled.
     """
+    if engine is not None and (engine.model is not model or cache is not None):
+        raise GenerationError("engine= must be a DecodeEngine built on this model, and it brings its own cache; "
+                              "pass engine.model as the model and drop cache=")
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
     _check_options(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
@@ -246,7 +251,10 @@ def generate_steps(
         model.decoder.set_attention(attention)
     try:
         mask = None if attention_mask is None else attention_mask[:, :T]
-        logits = prefill(model, input_ids, mask, cache)
+        if engine is not None:
+            logits = engine.prefill(input_ids, mask, max_new_tokens)
+        else:
+            logits = prefill(model, input_ids, mask, cache)
         for step in range(max_new_tokens):
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
@@ -265,7 +273,10 @@ def generate_steps(
             if seen is not None:
                 seen.scatter_(1, tokens[:, None], True)
             mask = None if attention_mask is None else attention_mask[:, : T + step + 1]
-            logits = decode_one_token(model, tokens, mask, cache)
+            if engine is not None:
+                logits = engine.decode(tokens)
+            else:
+                logits = decode_one_token(model, tokens, mask, cache)
     finally:
         for layer, backend in zip(layers, previous_backends):
             layer.self_attn.backend = backend
@@ -289,6 +300,7 @@ def generate(
     seed: int | None = None,
     attention: AttentionBackend | None = None,
     cache: KVCache | None = None,
+    engine=None,
     return_dict: bool = False,
 ) -> torch.Tensor | GenerationOutput:
     """Continue each prompt; returns ``(B, prompt + new)`` ids like Hugging Face's ``generate``.
@@ -302,7 +314,7 @@ def generate(
         model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-        seed=seed, attention=attention, cache=cache,
+        seed=seed, attention=attention, cache=cache, engine=engine,
     )
     new_tokens, counts, finished = [], torch.zeros(input_ids.shape[0], dtype=torch.long), None
     for tokens, done in steps:

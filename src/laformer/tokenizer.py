@@ -14,13 +14,17 @@ import warnings
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+import jinja2
 import torch
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from laformer.errors import CheckpointError, TokenizerError
 from laformer.formats.gguf import read_gguf_metadata
+from laformer.formats.registry import resolve
 
 # --------------------------------------------------------------------------------------------------------------------
 # Building a `tokenizers.Tokenizer` from GGUF metadata, in the shape of the model's own tokenizer.json
@@ -108,7 +112,7 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     return [(left, right) for left, right, _ in merges]
 
 
-def _add_gguf_added_tokens(tok: Tokenizer, meta: dict[str, Any], allowed) -> None:
+def _add_gguf_added_tokens(tok: Tokenizer, meta: dict[str, Any], allowed: Callable[[str], bool]) -> None:
     """Control tokens become special added tokens, user-defined ones plain added tokens, so text never splits them."""
     tokens = meta["tokenizer.ggml.tokens"]
     types = meta.get("tokenizer.ggml.token_type", ())
@@ -128,11 +132,7 @@ def _add_gguf_added_tokens(tok: Tokenizer, meta: dict[str, Any], allowed) -> Non
 
 
 @lru_cache(maxsize=16)
-def _compile_chat_template(template: str):
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+def _compile_chat_template(template: str) -> jinja2.Template:
     class GenerationTag(Extension):
         """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; here it just renders."""
 
@@ -252,8 +252,6 @@ class LaFormerTokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> "LaFormerTokenizer":
         """From a registry name, a GGUF file, or a folder with `tokenizer.json` (+ `tokenizer_config.json`)."""
-        from laformer.formats.registry import resolve
-
         try:
             path = resolve(name_or_path)
         except CheckpointError as e:
@@ -437,7 +435,8 @@ class LaFormerTokenizer:
         if padding == "max_length" and max_length is None:
             raise TokenizerError("padding='max_length' needs max_length=N; or use padding=True to pad to the "
                                  "longest text of the batch")
-        limit = (max_length or self.model_max_length) if truncation else None
+        limit = max_length or (self.model_max_length if self.model_max_length < _NO_LIMIT else None)
+        limit = limit if truncation else None
         ids = self._encode_batch(texts, add_special_tokens, limit)
         target = max(map(len, ids), default=0) if padding == "longest" else max_length if padding else None
         rows, masks = [], []
@@ -537,8 +536,6 @@ class LaFormerTokenizer:
             raise TokenizerError("messages must be a list of dicts like {'role': 'user', 'content': 'hi'}")
         if return_tensors not in (None, "pt"):
             raise TokenizerError(f"return_tensors={return_tensors!r} is not supported; use None or 'pt'")
-        import jinja2
-
         context = {"tools": None, "documents": None, **self._special, **template_kwargs}
         try:
             text = _compile_chat_template(template).render(messages=[dict(m) for m in messages],

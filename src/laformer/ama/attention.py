@@ -64,6 +64,8 @@ class AMAAttention:
         self.config = config
         self.recorder = config.recorder
         self.gates: list[MediationGate] | None = None
+        self._layout_key: tuple | None = None
+        self._layout_value: tuple[torch.Tensor, ...] = ()
         if config.mediation == "learned":
             self.gates = [attach_gate(layer.self_attn) for layer in decoder.layers]
 
@@ -95,32 +97,50 @@ class AMAAttention:
 
     # ------------------------------------------------------------------ selection
 
-    def _plan(
-        self, qrows: torch.Tensor, group: int, summaries: SliceSummaries, own: torch.Tensor, n_cols: int, n_pick: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Choose slices for Q query blocks; ``qrows`` (B, H_kv, Q, R, D) holds ``group`` heads' rows per block
-        (all-zero rows are block padding), ``own`` (Q,) is each block's slice.
+    def _layout(self, first: int, blocks: int, n_cols: int, n_full: int, device) -> tuple[torch.Tensor, ...]:
+        """Which slices each query block must keep (sinks, local window) and which it may choose from.
 
-        Returns the candidate probabilities (B, H_kv, Q, F), the chosen slice indices and whether each is real
-        (B, H_kv, Q, n_pick), and the candidate mask (B, 1, Q, F) over the F summarised slices.
+        Depends only on positions, so it is computed once per step and shared by every layer.
+        """
+        key = (first, blocks, n_cols, n_full, device)
+        if self._layout_key != key:
+            cfg = self.config
+            own = torch.arange(first, first + blocks, device=device)
+            j = torch.arange(n_cols, device=device)
+            local_start = (own - cfg.local_slices + 1).clamp_min(0)[:, None]  # (Q, 1)
+            sink_end = local_start.clamp_max(cfg.sink_slices)
+            forced = (j < sink_end) | ((j >= local_start) & (j <= own[:, None]))  # (Q, n_cols)
+            choosable = (j[:n_full] >= sink_end) & (j[:n_full] < local_start)  # (Q, F)
+            self._layout_key, self._layout_value = key, (forced, choosable)
+        return self._layout_value
+
+    def _plan(
+        self, qrows: torch.Tensor, positions, summaries: SliceSummaries, first: int, n_cols: int, n_pick: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Choose slices for Q query blocks, block ``i`` holding the queries of slice ``first + i``.
+
+        ``qrows`` (B, H_kv, Q, R, D) are the blocks' queries, pre-scaled by 1/sqrt(d), one row per (group head,
+        position), zero rows being block padding; ``positions`` the real queries per block (a number or (Q, 1)).
+        Scores are summed over the group's heads and averaged over positions. Returns the candidate
+        probabilities (B, H_kv, Q, F) (None unless recorded or sampled), the chosen slice indices and whether
+        each is real (B, H_kv, Q, n_pick), and the candidate mask (B, 1, Q, F) over the F summarised slices.
         """
         cfg, s = self.config, summaries
-        Fs, device, dtype = s.num_slices, qrows.device, qrows.dtype
-        # Summed over the group's heads, averaged over the block's real query positions.
-        positions = ((qrows != 0).any(-1).sum(-1, keepdim=True) / group).clamp_min(1)  # (B, H_kv, Q, 1)
-        if cfg.score == "bound":
-            q_pos = qrows.clamp_min(0).sum(3) / positions  # (B, H_kv, Q, D)
-            q_neg = qrows.clamp_max(0).sum(3) / positions
-            scores = q_pos @ s.kmax.to(dtype).transpose(-1, -2) + q_neg @ s.kmin.to(dtype).transpose(-1, -2)
+        Fs, dtype = s.num_slices, qrows.dtype
+        forced, choosable = self._layout(first, qrows.shape[2], n_cols, Fs, qrows.device)
+        if cfg.score == "bound":  # sum_d max(q_d kmin_d, q_d kmax_d) = [q+, q-] . [kmax, kmin]
+            q_agg = torch.cat([qrows.clamp_min(0), qrows.clamp_max(0)], -1).sum(3)  # (B, H_kv, Q, 2D)
+            slice_keys = s.bound_keys
         else:
-            scores = (qrows.sum(3) / positions) @ s.kmean.to(dtype).transpose(-1, -2)  # (B, H_kv, Q, F)
-        j = torch.arange(n_cols, device=device)
-        local_start = (own - cfg.local_slices + 1).clamp_min(0)[:, None]  # (Q, 1)
-        sink_end = local_start.clamp_max(cfg.sink_slices)
-        forced = (j < sink_end) | ((j >= local_start) & (j <= own[:, None]))  # (Q, n_cols)
-        cand = (j[:Fs] >= sink_end) & (j[:Fs] < local_start) & (s.count[:, :, None, :] > 0)  # (B, 1, Q, F)
-        logits = (scores / math.sqrt(qrows.shape[-1])).masked_fill(~cand, NEG_INF)
-        probs = logits.softmax(-1).nan_to_num(0.0)  # a block with no candidate has all-zero probabilities
+            q_agg, slice_keys = qrows.sum(3), s.kmean
+        if not isinstance(positions, (int, float)) or positions != 1:
+            q_agg = q_agg / positions
+        scores = q_agg @ slice_keys.to(dtype).transpose(-1, -2)  # (B, H_kv, Q, F)
+        cand = choosable & (s.count[:, :, None, :] > 0)  # (B, 1, Q, F)
+        logits = scores.masked_fill(~cand, NEG_INF)  # score / sqrt(d): q is pre-scaled
+        probs = None
+        if self.recorder is not None or cfg.sampling == "gumbel":
+            probs = logits.softmax(-1).nan_to_num(0.0)  # a block with no candidate has all-zero probabilities
         if cfg.sampling == "gumbel":
             logits = logits - torch.empty_like(logits).exponential_().log()
         priority = F.pad(logits, (0, n_cols - Fs), value=NEG_INF).masked_fill(forced, float("inf"))
@@ -137,30 +157,36 @@ class AMAAttention:
         cfg, L = self.config, self.config.slice_len
         B, H, _, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
-        Fs = S // L
-        qrows = q.view(B, Hkv, 1, H // Hkv, D)  # (B, H_kv, Q=1, R=G, D)
-        own = torch.tensor([(S - 1) // L], device=q.device)
-        partial = int(S % L != 0)
-        probs, idx, ok, cand = self._plan(qrows, H // Hkv, summaries, own, Fs, cfg.budget_slices - partial)
+        G, Fs = H // Hkv, S // L
+        tail = slice(Fs * L, S)  # the partial last slice, always attended
+        partial = int(S > Fs * L)
+        qrows = (q / math.sqrt(D)).view(B, Hkv, 1, G, D)  # (B, H_kv, Q=1, R=G, D), pre-scaled
+        probs, idx, ok, cand = self._plan(qrows, 1.0, summaries, (S - 1) // L, Fs, cfg.budget_slices - partial)
         if self.recorder is not None:
-            tail = own.expand(B, Hkv, 1, partial)  # the partial last slice is always attended
-            self._record(layer_idx, S, probs, torch.cat([idx, tail], -1),
-                         torch.cat([ok, torch.ones_like(tail, dtype=torch.bool)], -1), Fs + partial)
+            own_slice = idx.new_full((B, Hkv, 1, partial), (S - 1) // L)
+            self._record(layer_idx, S, probs, torch.cat([idx, own_slice], -1),
+                         torch.cat([ok, torch.ones_like(own_slice, dtype=torch.bool)], -1), Fs + partial)
         sel = idx[:, :, 0]  # (B, H_kv, n)
-        b = torch.arange(B, device=q.device)[:, None, None]
-        h = torch.arange(Hkv, device=q.device)[None, :, None]
-        blocks_k = k[:, :, : Fs * L].unflatten(2, (Fs, L))  # (B, H_kv, F, L, D) view of the cache
-        blocks_v = v[:, :, : Fs * L].unflatten(2, (Fs, L))
-        keys = torch.cat([blocks_k[b, h, sel].flatten(2, 3), k[:, :, Fs * L:]], 2).to(q.dtype)  # (B, H_kv, n*L+t, D)
-        values = torch.cat([blocks_v[b, h, sel].flatten(2, 3), v[:, :, Fs * L:]], 2).to(q.dtype)
-        allowed = ok[:, :, 0, :, None].expand(-1, -1, -1, L)  # (B, H_kv, n, L)
-        if valid is not None:
-            allowed = allowed & valid[:, : Fs * L].view(B, 1, Fs, L).expand(-1, Hkv, -1, -1)[b, h, sel]
-            tail = valid[:, None, Fs * L:].expand(-1, Hkv, -1)
-        else:
-            tail = allowed.new_ones(B, Hkv, S - Fs * L)
-        allowed = torch.cat([allowed.flatten(2), tail], -1)[:, :, None, None, :]  # (B, H_kv, 1, 1, n*L+t)
-        out, lse = exact_attention(qrows, keys[:, :, None], values[:, :, None], allowed)
+        keys = gather_slices(k, sel, L).flatten(2, 3).to(q.dtype)  # (B, H_kv, n*L, D): only these are read
+        values = gather_slices(v, sel, L).flatten(2, 3).to(q.dtype)
+        qg = qrows.view(B, Hkv, G, D)
+        scores = qg @ keys.transpose(-1, -2)  # (B, H_kv, G, n*L)
+        if partial:
+            scores = torch.cat([scores, qg @ k[:, :, tail].to(q.dtype).transpose(-1, -2)], -1)
+        if valid is not None or not bool(ok.all()):
+            allowed = ok[:, :, 0, :, None].expand(-1, -1, -1, L)  # (B, H_kv, n, L)
+            if valid is not None:
+                allowed = allowed & gather_slices(valid[:, None, :, None].expand(-1, Hkv, -1, -1), sel, L)[..., 0]
+            tail_ok = (valid[:, None, tail] if valid is not None else ok.new_ones(1, 1, S - Fs * L))
+            allowed = torch.cat([allowed.flatten(2), tail_ok.expand(B, Hkv, -1)], -1)
+            scores = scores.masked_fill(~allowed[:, :, None], NEG_INF)
+        lse = scores.logsumexp(-1)  # (B, H_kv, G)
+        weights = (scores - lse[..., None]).exp()
+        n = keys.shape[2]
+        out = weights[..., :n] @ values
+        if partial:
+            out = out + weights[..., n:] @ v[:, :, tail].to(q.dtype)
+        out, lse = out[:, :, None], lse[:, :, None]  # (B, H_kv, Q=1, G, D)
         if cfg.mediation != "off":
             picked = torch.zeros(B, Hkv, 1, Fs, dtype=torch.bool, device=q.device).scatter_(-1, idx, ok)
             out = self._mediate(qrows, out, lse, cand & ~picked, summaries, gate, S)
@@ -177,12 +203,14 @@ class AMAAttention:
         c0, N = P0 // L, -(-S // L)
         nb, front, back = N - c0, P0 - c0 * L, N * L - S
         # Queries padded to whole blocks, rows of a block ordered (group head, position): (B, H_kv, nb, G*L, D)
-        qb = F.pad(q, (0, 0, front, back)).view(B, Hkv, G, nb, L, D).transpose(2, 3).reshape(B, Hkv, nb, G * L, D)
+        qb = F.pad(q / math.sqrt(D), (0, 0, front, back)).view(B, Hkv, G, nb, L, D)
+        qb = qb.transpose(2, 3).reshape(B, Hkv, nb, G * L, D)  # pre-scaled by 1/sqrt(d)
         kb = F.pad(k, (0, 0, 0, back)).unflatten(2, (N, L))  # (B, H_kv, N, L, D)
         vb = F.pad(v, (0, 0, 0, back)).unflatten(2, (N, L))
         own = torch.arange(c0, N, device=q.device)
         n_pick = min(cfg.budget_slices, N)
-        probs, idx, ok, cand = self._plan(qb, G, summaries, own, N, n_pick)
+        positions = (torch.clamp(own * L + L, max=S) - torch.clamp(own * L, min=P0)).clamp_min(1)[:, None]
+        probs, idx, ok, cand = self._plan(qb, positions, summaries, c0, N, n_pick)
         if self.recorder is not None:
             self._record(layer_idx, S, probs, idx, ok, N)
         b = torch.arange(B, device=q.device)[:, None, None, None]
@@ -217,25 +245,42 @@ class AMAAttention:
         """Merge the exact branch with one pseudo-token per unselected slice, as two softmax partitions."""
         s = summaries
         dtype = qrows.dtype
-        logits = qrows @ s.kmean.to(dtype)[:, :, None].transpose(-1, -2) / math.sqrt(qrows.shape[-1])
-        logits = (logits + s.count.to(dtype).log()[:, :, None, None]).masked_fill(~unselected[:, :, :, None], NEG_INF)
+        logits = qrows @ s.kmean.to(dtype)[:, :, None].transpose(-1, -2)  # q is pre-scaled
+        logits = (logits + s.log_count.to(dtype)[:, :, None, None]).masked_fill(~unselected[:, :, :, None], NEG_INF)
         lse_m = logits.logsumexp(-1)  # (B, H_kv, Q, R)
         weights = (logits - lse_m.nan_to_num(0.0, neginf=0.0)[..., None]).exp()
         out_m = weights @ s.vmean.to(dtype)[:, :, None]  # (B, H_kv, Q, R, D)
         if gate is not None:
             left_out = (s.count[:, :, None] * unselected).sum(-1, keepdim=True) / key_len
             lse_m = lse_m + gate(lse, lse_m, left_out).to(dtype)
-        w_exact = torch.sigmoid(lse - lse_m)[..., None]
-        return w_exact * out + (1 - w_exact) * out_m
+        return torch.lerp(out_m, out, torch.sigmoid(lse - lse_m)[..., None])
+
+
+def gather_slices(x: torch.Tensor, sel: torch.Tensor, slice_len: int) -> torch.Tensor:
+    """Whole slices ``sel`` (B, H, n) of ``x`` (B, H, S, D) as (B, H, n, slice_len, D), copying only those.
+
+    When the storage is laid out in whole slices (a ``SlicedKVCache``, or S a multiple of the slice length)
+    this is a single ``index_select`` over a (blocks, slice_len * D) view; otherwise one per (batch, head).
+    """
+    B, H, _, D = x.shape
+    row = slice_len * D
+    out_shape = (*sel.shape, slice_len, D)
+    if x.stride(3) == 1 and x.stride(2) == D and x.stride(1) % row == 0 and x.stride(0) % row == 0 \
+            and x.storage_offset() % row == 0:
+        first = (torch.arange(B, device=x.device)[:, None] * (x.stride(0) // row)
+                 + torch.arange(H, device=x.device) * (x.stride(1) // row))  # (B, H) block of each row's start
+        blocks = x.as_strided((int(first.max()) + x.shape[2] // slice_len, row), (row, 1), x.storage_offset())
+        return blocks.index_select(0, (sel + first[..., None]).flatten()).view(out_shape)
+    full = x[:, :, : x.shape[2] // slice_len * slice_len].unflatten(2, (-1, slice_len))
+    return torch.stack([full[b, h].index_select(0, sel[b, h]) for b in range(B) for h in range(H)]).view(out_shape)
 
 
 def exact_attention(
     qrows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of (B, H_kv, Q, R, D) rows over gathered (B, H_kv, Q, n, D) keys, returning the
-    output and each row's log-sum-exp. ``allowed`` broadcasts to (B, H_kv, Q, [G,] rows, n)."""
-    B, Hkv, Q, R, D = qrows.shape
-    scores = (qrows @ keys.transpose(-1, -2)) / math.sqrt(D)  # (B, H_kv, Q, R, n)
+    """Softmax attention of pre-scaled (B, H_kv, Q, R, D) rows over gathered (B, H_kv, Q, n, D) keys, returning
+    the output and each row's log-sum-exp. ``allowed`` broadcasts to (B, H_kv, Q, [G,] rows, n)."""
+    scores = qrows @ keys.transpose(-1, -2)  # (B, H_kv, Q, R, n)
     if allowed.dim() == 6:  # a per-position mask shared by the group's heads: rows are (G, L)
         scores = scores.unflatten(3, (-1, allowed.shape[4])).masked_fill(~allowed, NEG_INF).flatten(3, 4)
     else:

@@ -24,16 +24,27 @@ class SliceSummaries:
     kmean: torch.Tensor
     vmean: torch.Tensor
     count: torch.Tensor  # (B, 1, N) float32, real (non-padding) tokens in the slice
+    log_count: torch.Tensor  # (B, 1, N) the pseudo-token logit bias of mediation
+
+    @property
+    def bound_keys(self) -> torch.Tensor:
+        """(B, H, N, 2D) [kmax, kmin], so that [relu(q), min(q, 0)] . bound_keys bounds q.k in one product."""
+        if self._bound_keys is None or self._bound_keys.shape[2] != self.num_slices:
+            self._bound_keys = torch.cat([self.kmax, self.kmin], -1)
+        return self._bound_keys
 
     @property
     def num_slices(self) -> int:
         return self.kmin.shape[2]
 
+    def __post_init__(self) -> None:
+        self._bound_keys: torch.Tensor | None = None
+
     def cat(self, other: SliceSummaries) -> SliceSummaries:
         return SliceSummaries(*(torch.cat([a, b], dim=2) for a, b in zip(self.fields(), other.fields())))
 
     def fields(self) -> tuple[torch.Tensor, ...]:
-        return self.kmin, self.kmax, self.kmean, self.vmean, self.count
+        return self.kmin, self.kmax, self.kmean, self.vmean, self.count, self.log_count
 
 
 def summarize(
@@ -47,7 +58,7 @@ def summarize(
     vb = v[:, :, span].float().reshape(B, H, n, slice_len, D)
     if valid is None:
         count = torch.full((B, 1, n), float(slice_len), device=k.device)
-        return SliceSummaries(kb.amin(3), kb.amax(3), kb.mean(3), vb.mean(3), count)
+        return SliceSummaries(kb.amin(3), kb.amax(3), kb.mean(3), vb.mean(3), count, count.log())
     keep = valid[:, span].reshape(B, 1, n, slice_len, 1)
     count = keep.sum(3, dtype=torch.float32)  # (B, 1, n, 1)
     empty = count == 0
@@ -56,7 +67,8 @@ def summarize(
     denom = count.clamp_min(1.0)
     kmean = (kb * keep).sum(3) / denom
     vmean = (vb * keep).sum(3) / denom
-    return SliceSummaries(kmin, kmax, kmean, vmean, count.squeeze(-1))
+    count = count.squeeze(-1)
+    return SliceSummaries(kmin, kmax, kmean, vmean, count, count.log())
 
 
 def update_summaries(

@@ -28,7 +28,8 @@ def load_model(args: argparse.Namespace, model_class=None, with_tokenizer: bool 
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = (model_class or LaFormerForCausalLM).from_pretrained(args.model, dtype=args.dtype)
+    model = (model_class or LaFormerForCausalLM).from_pretrained(args.model, dtype=args.dtype,
+                                                                 attention=attention_config(args))
     tokenizer = LaFormerTokenizer.from_pretrained(args.model) if with_tokenizer else None
     return model, tokenizer
 
@@ -45,6 +46,34 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int = 
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
                         help="stop when the output contains TEXT (repeatable); TEXT is not printed")
+    add_attention_options(parser)
+
+
+def add_attention_options(parser: argparse.ArgumentParser) -> None:
+    """``--attention ama`` and its knobs (see ``laformer.ama.AMAConfig`` and docs/ama.md)."""
+    group = parser.add_argument_group("attention")
+    group.add_argument("--attention", choices=("sdpa", "ama"), default="sdpa",
+                       help="exact attention (sdpa) or Actively Mediated sparse attention (ama)")
+    group.add_argument("--ama-budget", type=int, default=1024, help="tokens attended exactly per query (default: 1024)")
+    group.add_argument("--ama-slice-len", type=int, default=64, help="tokens per KV slice (default: 64)")
+    group.add_argument("--ama-local-window", type=int, default=128, help="recent tokens always kept (default: 128)")
+    group.add_argument("--ama-sink-slices", type=int, default=1, help="first slices always kept (default: 1)")
+    group.add_argument("--ama-mediation", choices=("off", "estimate", "learned"), default="estimate",
+                       help="how unselected slices still count (default: estimate)")
+    group.add_argument("--ama-score", choices=("bound", "mean"), default="bound",
+                       help="slice score: min/max upper bound of q.k, or q . mean key (default: bound)")
+    group.add_argument("--ama-dense-layers", type=int, default=0, help="first N layers keep full attention")
+
+
+def attention_config(args: argparse.Namespace):
+    """The ``AMAConfig`` the attention options ask for, or None for exact attention."""
+    if getattr(args, "attention", "sdpa") != "ama":
+        return None
+    from laformer.ama import AMAConfig
+
+    return AMAConfig(slice_len=args.ama_slice_len, budget=args.ama_budget, sink_slices=args.ama_sink_slices,
+                     local_window=args.ama_local_window, score=args.ama_score, mediation=args.ama_mediation,
+                     dense_layers=args.ama_dense_layers)
 
 
 def sampling_options(args: argparse.Namespace) -> dict:

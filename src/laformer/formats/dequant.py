@@ -133,16 +133,21 @@ def can_dequantize(qtype: GGMLQuantizationType) -> bool:
 
 
 def dequantize(
-    raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+    raw: np.ndarray,
+    qtype: GGMLQuantizationType,
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Raw GGUF bytes of one tensor, ``(rows, bytes_per_row)`` uint8, -> a ``shape`` tensor of ``dtype``.
+    """Raw GGUF bytes of one tensor, ``(rows, bytes_per_row)`` uint8, -> a ``shape`` tensor of ``dtype`` (or ``out``).
 
-    Works in row chunks written into the preallocated result, so the peak extra memory is one chunk, not a
-    float32 copy of the whole tensor.
+    Works in row chunks written into the result, so the peak extra memory is one small chunk, not a float32 copy
+    of the whole tensor.
     """
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     rows = raw.reshape(-1, raw.shape[-1])
-    result = torch.empty(shape, dtype=dtype)
+    result = torch.empty(shape, dtype=dtype) if out is None else out
+    dtype = result.dtype
     out = result.view(rows.shape[0], -1)  # (rows, values per row)
     step = max(1, _CHUNK_ELEMENTS // out.shape[1])
     torch_fn = TORCH_DEQUANTIZERS.get(qtype)

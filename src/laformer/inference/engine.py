@@ -66,10 +66,11 @@ class DecodeEngine:
             self.cache = StaticKVCache(self.config, batch_size, length, self.dtype, self.device)
             self.valid = torch.zeros(batch_size, length, dtype=torch.bool, device=self.device)
             self.columns = torch.arange(length, device=self.device)
+            self.slot = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+            self.position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.cache.reset()
-        self.valid.zero_()
-        self.slot = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        self.position = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        for state in (self.valid, self.slot, self.position):
+            state.zero_()  # in place: a compiled step keeps pointing at the same tensors
 
     @torch.inference_mode()
     def prefill(

@@ -13,25 +13,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from laformer.model import MLP, Attention
+from laformer.quantization import QuantizedLinear
 from laformer.rope import apply_rotary
 
 
 def _fusable(linears: list[nn.Module]) -> bool:
-    """Only plain, bias-free float linears of one dtype can be concatenated (quantized swaps stay as they are)."""
-    return all(type(m) is nn.Linear and m.bias is None for m in linears) and len(
-        {m.weight.dtype for m in linears}
-    ) == 1
+    """Bias-free linears of one kind: plain float ones of one dtype, or quantized ones of one width and group size.
+
+    Every tensor of both kinds is laid out one row per output feature, so fusing is a concatenation of rows.
+    """
+    first = linears[0]
+    if any(type(m) is not type(first) or getattr(m, "bias", None) is not None for m in linears):
+        return False
+    if type(first) is nn.Linear:
+        return len({m.weight.dtype for m in linears}) == 1
+    return isinstance(first, QuantizedLinear) and len({m.group_size for m in linears}) == 1
 
 
-def _concat(linears: list[nn.Linear]) -> nn.Linear:
-    weight = torch.cat([m.weight.detach() for m in linears], dim=0)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
+def _concat(linears: list[nn.Module]) -> nn.Module:
+    first, out_features = linears[0], sum(m.out_features for m in linears)
+    if type(first) is nn.Linear:
+        fused = nn.Linear(first.in_features, out_features, bias=False, device="meta")
+    else:
+        fused = type(first)(first.in_features, out_features, first.group_size, False, device="meta")
+    for name, tensor in first.state_dict().items():
+        joined = torch.cat([m.state_dict()[name] for m in linears], dim=0)
+        if name in fused._parameters:
+            fused._parameters[name] = nn.Parameter(joined, requires_grad=False)
+        else:
+            fused._buffers[name] = joined
     return fused
 
 
 class _SplitStateDict:
-    """State-dict hooks that show a fused weight as its parts under their original names."""
+    """State-dict hooks that show a fused module's tensors as its parts' under their original names."""
 
     fused_name: str
     part_names: tuple[str, ...]
@@ -43,15 +58,20 @@ class _SplitStateDict:
 
 
 def _split_hook(module, state_dict, prefix, local_metadata) -> None:
-    fused = state_dict.pop(f"{prefix}{module.fused_name}.weight")
-    for name, part in zip(module.part_names, fused.split(module.split_sizes, dim=0)):
-        state_dict[f"{prefix}{name}.weight"] = part.clone()
+    fused_prefix = f"{prefix}{module.fused_name}."
+    for key in [k for k in state_dict if k.startswith(fused_prefix)]:
+        tensor_name = key[len(fused_prefix):]
+        for part, piece in zip(module.part_names, state_dict.pop(key).split(module.split_sizes, dim=0)):
+            state_dict[f"{prefix}{part}.{tensor_name}"] = piece.clone()
 
 
 def _fuse_hook(module, state_dict, prefix, *args) -> None:
-    keys = [f"{prefix}{name}.weight" for name in module.part_names]
-    if all(k in state_dict for k in keys):
-        state_dict[f"{prefix}{module.fused_name}.weight"] = torch.cat([state_dict.pop(k) for k in keys], dim=0)
+    first = f"{prefix}{module.part_names[0]}."
+    for key in [k for k in state_dict if k.startswith(first)]:
+        tensor_name = key[len(first):]
+        keys = [f"{prefix}{part}.{tensor_name}" for part in module.part_names]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{module.fused_name}.{tensor_name}"] = torch.cat([state_dict.pop(k) for k in keys])
 
 
 class FusedAttention(_SplitStateDict, Attention):
@@ -104,8 +124,9 @@ class FusedMLP(_SplitStateDict, MLP):
 def fuse_projections(model: nn.Module) -> int:
     """Swap every layer's attention and MLP for their fused versions, in place; returns how many were fused.
 
-    Layers whose projections are not plain float ``nn.Linear`` (e.g. already quantized) are left as they are, so
-    quantize after fusing to get both. Outputs are unchanged up to float rounding of the larger matmuls.
+    Float and weight-only quantized projections both fuse (their rows are concatenated); layers whose projections
+    are of mixed or unknown kinds (e.g. LoRA-wrapped) are left as they are. Outputs are unchanged up to the float
+    rounding of a larger matmul.
     """
     fused = 0
     for layer in model.decoder.layers:

@@ -21,7 +21,13 @@ from torch import nn
 
 from laformer.errors import ConfigError
 from laformer.peft.lora import mergeable_weight
-from laformer.peft.targets import find_modules_to_save, find_targets, parameters_under, replace_module
+from laformer.peft.targets import (
+    check_untied,
+    find_modules_to_save,
+    find_targets,
+    parameters_under,
+    replace_module,
+)
 
 
 @dataclass
@@ -54,7 +60,9 @@ class AdaLoraConfig:
 
     def __post_init__(self) -> None:
         if self.init_r <= 0 or not 0 < self.target_r <= self.init_r:
-            raise ConfigError(f"AdaLoRA needs 0 < target_r <= init_r, got target_r={self.target_r}, init_r={self.init_r}")
+            raise ConfigError(
+                f"AdaLoRA needs 0 < target_r <= init_r, got target_r={self.target_r}, init_r={self.init_r}"
+            )
         if not (0 < self.beta1 < 1 and 0 < self.beta2 < 1):
             raise ConfigError(f"AdaLoRA beta1/beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
         if self.orth_reg_weight < 0:
@@ -145,6 +153,7 @@ class SVDLinear(nn.Module):
 def inject_adalora(model: nn.Module, config: AdaLoraConfig) -> list[str]:
     """Wrap the targets in ``SVDLinear`` (pruned to ``config.rank_pattern`` if set); returns trainable names."""
     targets = find_targets(model, config.target_modules, "AdaLoRA")
+    check_untied(model, targets, "AdaLoRA")
     for name in targets:
         layer = SVDLinear(model.get_submodule(name), config.init_r, config.lora_alpha, config.lora_dropout,
                           config.init_lora_weights)
@@ -173,6 +182,21 @@ class AdaLoraHooks:
     def reset_importance(self) -> None:
         self.exp_avg_ipt: dict[tuple[str, str], torch.Tensor] = {}
         self.exp_avg_unc: dict[tuple[str, str], torch.Tensor] = {}
+
+    def state_dict(self) -> dict:
+        """The importance averages and rank pattern, so a resumed run allocates exactly as an uninterrupted one."""
+        return {
+            "exp_avg_ipt": {f"{n}|{p}": t.clone() for (n, p), t in self.exp_avg_ipt.items()},
+            "exp_avg_unc": {f"{n}|{p}": t.clone() for (n, p), t in self.exp_avg_unc.items()},
+            "rank_pattern": self.rank_pattern,
+            "total_step": self.config.total_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.exp_avg_ipt = {tuple(k.split("|")): t for k, t in state["exp_avg_ipt"].items()}
+        self.exp_avg_unc = {tuple(k.split("|")): t for k, t in state["exp_avg_unc"].items()}
+        self.rank_pattern = self.config.rank_pattern = state["rank_pattern"]
+        self.config.total_step = state["total_step"]
 
     def set_total_step(self, total_step: int) -> None:
         self.config.check_schedule(total_step)

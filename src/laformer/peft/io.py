@@ -26,7 +26,7 @@ from laformer.peft.adalora import AdaLoraConfig, SVDLinear
 from laformer.peft.adapters import AdapterConfig
 from laformer.peft.lora import LoraConfig
 from laformer.peft.prefix import PrefixConfig
-from laformer.peft.tuner import PeftConfig, get_peft_model
+from laformer.peft.tuner import PeftConfig, get_peft_model, unload
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -117,15 +117,20 @@ def _prune_to_rank_pattern(model: nn.Module, state: dict[str, torch.Tensor], pat
     return state
 
 
-def read_adapter_config(directory: str | Path) -> PeftConfig:
-    path = Path(directory) / CONFIG_NAME
+def _read_config_json(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {directory}; save the adapter with save_adapter (or PEFT)")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    return config_from_dict(data, path)
+
+
+def read_adapter_config(directory: str | Path) -> PeftConfig:
+    """The config dataclass of a saved adapter (its method is ``peft_type``)."""
+    directory = Path(directory)
+    return config_from_dict(_read_config_json(directory), directory / CONFIG_NAME)
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
@@ -135,7 +140,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     shape, otherwise the adapter belongs to another base model and a ``CheckpointError`` says which tensor.
     """
     directory = Path(directory)
-    config = read_adapter_config(directory)
+    data = _read_config_json(directory)
+    config = config_from_dict(data, directory / CONFIG_NAME)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"no {WEIGHTS_NAME} in {directory}; the adapter folder is incomplete")
@@ -144,18 +150,22 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}; the file is corrupt or truncated") from exc
     current = getattr(model, "peft_config", None)
-    if current is None:
-        get_peft_model(model, config)
-    elif type(current) is not type(config):
+    if current is not None and type(current) is not type(config):
         raise ConfigError(f"the model already has a {current.peft_type} adapter but {directory} holds "
                           f"{config.peft_type}; load it onto a fresh model")
-    _assign(model, tensors, directory)
+    if current is None:
+        get_peft_model(model, config)
+    try:
+        _assign(model, tensors, directory, data.get("base_model_name_or_path"))
+    except CheckpointError:
+        if current is None:
+            unload(model)  # leave the model as it was given
+        raise
     return model
 
 
-def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path, base: str | None) -> None:
     params = dict(model.named_parameters())
-    base = json.loads((source / CONFIG_NAME).read_text()).get("base_model_name_or_path")
     hint = f"the adapter was made for a different base model ({base or 'unknown'}); load it onto that model"
     for key, tensor in tensors.items():
         name = key.removeprefix(PREFIX)

@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from laformer.errors import ConfigError
-from laformer.peft.targets import find_modules_to_save, find_targets, parameters_under, replace_module
+from laformer.peft.targets import (
+    check_untied,
+    find_modules_to_save,
+    find_targets,
+    parameters_under,
+    replace_module,
+)
 
 BIAS_MODES = ("none", "lora_only", "all")
 
@@ -115,6 +121,7 @@ def mergeable_weight(base: nn.Module) -> torch.Tensor:
 def inject_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     """Wrap the targets in ``LoRALinear``; returns the names of the parameters to train."""
     targets = find_targets(model, config.target_modules, "LoRA")
+    check_untied(model, targets, "LoRA")
     for name in targets:
         base = model.get_submodule(name)
         replace_module(model, name, LoRALinear(base, config.r, config.lora_alpha, config.lora_dropout,
@@ -123,6 +130,7 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     if config.bias == "all":
         trainable += [n for n, _ in model.named_parameters() if n.endswith(".bias")]
     elif config.bias == "lora_only":
-        trainable += [f"{t}.base_layer.bias" for t in targets if getattr(model.get_submodule(t).base_layer, "bias", None) is not None]
+        biased = [t for t in targets if getattr(model.get_submodule(t).base_layer, "bias", None) is not None]
+        trainable += [f"{t}.base_layer.bias" for t in biased]
     trainable += parameters_under(model, find_modules_to_save(model, config.modules_to_save))
     return trainable

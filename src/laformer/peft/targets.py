@@ -54,7 +54,8 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str], method: 
                     f"{sorted({n.rsplit('.', 1)[-1] for n in linear})} (or a regex over full names)"
                 )
             found.extend(hits)
-        found = [n for n in named if n in set(found)]
+        chosen = set(found)
+        found = [n for n in named if n in chosen]
     wrong = [n for n in found if not is_linear_like(named[n])]
     if wrong:
         raise ConfigError(
@@ -64,8 +65,23 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str], method: 
     return found
 
 
+def check_untied(model: nn.Module, targets: Iterable[str], method: str) -> None:
+    """Refuse to add a mergeable update to a weight shared with another module (a tied ``lm_head``)."""
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    for name in targets:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, nn.Parameter) and counts.get(id(weight), 0) > 1:
+            raise ConfigError(
+                f"{method} cannot target {name!r}: its weight is tied to another module (tie_word_embeddings), so "
+                "merging would change that module too; leave it out of target_modules"
+            )
+
+
 def find_modules_to_save(model: nn.Module, names: Iterable[str] | None) -> list[str]:
-    """Modules trained in full next to the adapter (e.g. the classifier ``score``). Missing names are skipped, as in PEFT."""
+    """Modules trained in full next to the adapter (e.g. the classifier ``score``); missing names are skipped,
+    as in PEFT (which lists both 'classifier' and 'score' for any classifier)."""
     if not names:
         return []
     return [n for n, _ in model.named_modules() if n and any(_matches(n, key) for key in names)]

@@ -76,7 +76,8 @@ def trainable_summary(model: nn.Module) -> str:
     params = {id(p): p for p in model.parameters()}.values()
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    percent = 100 * trainable / max(total, 1)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
@@ -108,12 +109,30 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge LoRA/AdaLoRA into the base weights and remove the wrappers: a plain model again (all trainable)."""
+    """Merge LoRA/AdaLoRA into the base weights and remove the wrappers: a plain model again (all trainable).
+
+    A quantized base is dequantized first, so a QLoRA fine-tune ends as a float model (quantize it again if wanted).
+    """
     _mergeable(model)
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, MERGEABLE)]:
-        layer.merge()
-        replace_module(model, name, layer.base_layer)
+        replace_module(model, name, _merged_linear(layer))
     return unload(model)
+
+
+@torch.no_grad()
+def _merged_linear(layer: LoRALinear | SVDLinear) -> nn.Module:
+    """The base with the update folded in; a quantized base (QLoRA) becomes a float ``nn.Linear``."""
+    base = layer.base_layer
+    if not hasattr(base, "dequantize"):
+        layer.merge()
+        return base
+    weight = base.dequantize(torch.float32) + layer.delta_weight().float()
+    bias = getattr(base, "bias", None)
+    linear = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device)
+    linear.weight.copy_(weight)
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
 
 
 def unload(model: nn.Module) -> nn.Module:
