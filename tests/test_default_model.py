@@ -55,5 +55,8 @@ def test_bfloat16_load_is_close(default_gguf_path, default_model):
     with torch.no_grad():
         low = model(ids).logits.float()
         full = default_model(ids).logits
-    assert (low - full).abs().mean().item() < 0.15
+    # bfloat16 keeps ~3 significant digits: logits move by ~2.5% of their size, the distributions barely.
+    assert (low - full).abs().mean().item() < 0.05 * full.abs().mean().item()
+    kl = (full.softmax(-1) * (full.log_softmax(-1) - low.log_softmax(-1))).sum(-1)
+    assert kl.max().item() < 0.02
     assert (low.argmax(-1) == full.argmax(-1)).float().mean().item() >= 0.8

@@ -225,8 +225,8 @@ def test_stream_matches_generate_on_multibyte_text(default_model, default_tokeni
 
 def test_generate_text_chat_batch(default_model, default_tokenizer):
     prompts = ["What is the capital of France?", "Say hello."]
-    answers = generate_text(default_model, default_tokenizer, prompts, chat=True, max_new_tokens=12)
+    answers = generate_text(default_model, default_tokenizer, prompts, chat=True, max_new_tokens=7)
     assert isinstance(answers, list) and len(answers) == 2
     assert "Paris" in answers[0]
-    alone = generate_text(default_model, default_tokenizer, prompts[1], chat=True, max_new_tokens=12)
+    alone = generate_text(default_model, default_tokenizer, prompts[1], chat=True, max_new_tokens=7)
     assert alone == answers[1]

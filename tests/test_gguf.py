@@ -93,7 +93,8 @@ def tiny_config(**overrides) -> LaFormerConfig:
 def llama_cpp_tensors(model: LaFormerForCausalLM) -> dict[str, torch.Tensor]:
     """The model's weights under llama.cpp names, q/k permuted as the converter does."""
     config, state = model.config, model.state_dict()
-    tensors = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"]}
+    tensors = {"token_embd.weight": state["model.embed_tokens.weight"],
+               "output_norm.weight": state["model.norm.weight"]}
     if not config.tie_word_embeddings:
         tensors["output.weight"] = state["lm_head.weight"]
     parts = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -248,7 +249,8 @@ def llama_cpp_rope_factors(theta: float, dim: int, scaling: dict) -> torch.Tenso
         elif wavelen > low_wl:
             factors.append(scaling["factor"])
         else:
-            smooth = (old / wavelen - scaling["low_freq_factor"]) / (scaling["high_freq_factor"] - scaling["low_freq_factor"])
+            low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+            smooth = (old / wavelen - low) / (high - low)
             factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
     return torch.tensor(factors, dtype=torch.float32)
 
@@ -338,7 +340,8 @@ def test_unsupported_quant_type(tiny_model, tmp_path):
 
 def test_unexpected_and_missing_tensors(tiny_model, tmp_path):
     tensors = llama_cpp_tensors(tiny_model)
-    path = write_gguf(tmp_path / "bias.gguf", tiny_model.config, {**tensors, "blk.0.attn_q.bias": np.zeros(64, np.float32)})
+    bias = {"blk.0.attn_q.bias": np.zeros(64, np.float32)}
+    path = write_gguf(tmp_path / "bias.gguf", tiny_model.config, {**tensors, **bias})
     with pytest.raises(CheckpointError, match=r"'blk\.0\.attn_q\.bias'"):
         load_gguf(path)
     del tensors["blk.1.ffn_down.weight"]

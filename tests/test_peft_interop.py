@@ -17,6 +17,7 @@ from laformer.peft import (
     save_adapter,
 )
 
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::RuntimeWarning", "ignore::UserWarning")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -135,3 +136,31 @@ def test_adalora_round_trips_through_peft(causal_folder, tmp_path):
     again = load_adapter(LaFormerForCausalLM.from_pretrained(causal_folder), tmp_path / "theirs").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(TOKENS).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_adalora_rank_allocation_matches_peft_step_by_step(causal_folder, tmp_path):
+    torch.manual_seed(3)
+    peft_config = peft.AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, total_step=8, deltaT=2,
+                                     target_modules=["q_proj", "v_proj"])
+    theirs = peft.get_peft_model(hf_causal(causal_folder), peft_config)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_E" in name:
+                p.normal_()
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(LaFormerForCausalLM.from_pretrained(causal_folder), tmp_path)
+    hooks = peft_training_hooks(ours)
+    their_params = {n.removeprefix("base_model.model.").removesuffix(".default"): p
+                    for n, p in theirs.named_parameters() if p.requires_grad}
+    our_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    assert their_params.keys() == our_params.keys()
+    generator = torch.Generator().manual_seed(0)
+    for step in range(1, 9):
+        for name, p in our_params.items():
+            p.grad = torch.randn(p.shape, generator=generator)
+            their_params[name].grad = p.grad.clone()
+        hooks.on_step_end(step)
+        theirs.base_model.update_and_allocate(step)
+        for name, p in our_params.items():
+            torch.testing.assert_close(p, their_params[name], atol=0, rtol=0, msg=f"{name} at step {step}")
+    assert sum(hooks.current_ranks().values()) == 2 * 4

@@ -34,7 +34,7 @@ SPM_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "he", "ll", "lo"
 SPM_TEMPLATE = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
 
 
-def write_gguf(path, tokenizer_model="llama", tokens=True, add_bos=True):
+def write_gguf(path, tokenizer_model="llama", tokens=True, add_bos=True, add_space_prefix=None):
     """A tiny GGUF with only tokenizer metadata: SentencePiece pieces with scores, byte tokens <0x00>..<0xFF>."""
     gguf = pytest.importorskip("gguf")
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -49,6 +49,8 @@ def write_gguf(path, tokenizer_model="llama", tokens=True, add_bos=True):
         writer.add_eos_token_id(2)
         writer.add_unk_token_id(0)
         writer.add_add_bos_token(add_bos)
+        if add_space_prefix is not None:
+            writer.add_add_space_prefix(add_space_prefix)
         writer.add_chat_template(SPM_TEMPLATE)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -293,6 +295,21 @@ def test_sentencepiece_gguf_matches_transformers(spm, spm_gguf):
     messages = [{"role": "user", "content": "hi"}]
     assert spm.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False) == \
         "<s>[user] hi</s>"
+
+
+def test_sentencepiece_without_space_prefix(tmp_path):
+    tok = LaFormerTokenizer.from_pretrained(write_gguf(tmp_path / "np.gguf", add_bos=False, add_space_prefix=False))
+    assert tok.convert_ids_to_tokens(tok.encode("hello world")) == ["he", "llo", "▁world"]
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+
+
+def test_pickles_for_dataloader_workers(spm):
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(spm))
+    assert clone.encode("hello world") == spm.encode("hello world") and clone.pad_token == spm.pad_token
+    batch = pickle.loads(pickle.dumps(spm(["hello", "hello world"], padding=True, return_tensors="pt")))
+    assert isinstance(batch, BatchEncoding) and batch.input_ids.shape == (2, 3)
 
 
 def test_stream_decoder_byte_fallback(spm):

@@ -106,7 +106,8 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     """
     merges = []
     for token, score in scores.items():
-        pairs = [(token[:i], token[i:], score) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        pairs = [(token[:i], token[i:], score) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
         merges.extend(sorted(pairs, key=lambda p: (vocab[p[0]], vocab[p[1]])))
     merges.sort(key=lambda p: (p[2], len(p[0]), len(p[1])), reverse=True)
     return [(left, right) for left, right, _ in merges]
@@ -217,7 +218,8 @@ class StreamDecoder:
 
 
 _NO_LIMIT = int(1e30)  # transformers' "no model_max_length" value
-_PADDING = {False: None, None: None, "do_not_pad": None, True: "longest", "longest": "longest", "max_length": "max_length"}
+_PADDING = {False: None, None: None, "do_not_pad": None,
+            True: "longest", "longest": "longest", "max_length": "max_length"}
 
 
 class LaFormerTokenizer:

@@ -2,8 +2,8 @@
 
 Each ``_dequant_<type>`` turns ``(n_blocks, type_size)`` uint8 blocks into ``(n_blocks, block_size)`` float32,
 following ggml's reference layout (``ggml-quants.c``; ``gguf.quants`` is the numpy reference the tests compare
-against). They are written in torch rather than numpy because torch runs them multi-threaded and fused enough to
-dequantize the default model in a fraction of a second; ``gguf.quants`` takes several seconds.
+against). They are written in torch, in place and with uint8 temporaries only, because that dequantizes the default
+model in about a second where ``gguf.quants`` takes several (bench/bench_gguf_load.py).
 Types without a torch version here fall back to ``gguf.quants.dequantize`` (slow but correct).
 """
 

@@ -241,8 +241,7 @@ class AdaLoraHooks:
             budget, mask_now = self.budget(global_step)
             if mask_now:
                 self.rank_pattern = self._mask_to_budget(budget)
-        elif global_step == final_step:
-            self._update_importance()
+        elif global_step == final_step:  # fix the final ranks from the importance gathered so far
             self.rank_pattern = self._mask_to_budget(self.target_budget)
             self.reset_importance()
         elif self.rank_pattern is not None:

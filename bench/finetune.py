@@ -1,0 +1,264 @@
+"""LoRA fine-tuning: laformer against transformers + peft on the same model, data, shape and hyperparameters.
+
+Every measurement runs in its own subprocess (so peak RSS is per side) within one invocation, sides
+interleaved, and the table prints ratios. Two comparisons:
+
+1. padded: identical (8, 128) batches of SST-2 padded to 128 tokens (the brief's pipeline), LoRA r=8 on
+   q_proj/v_proj, AdamW; training tokens/s (padded and real), peak RSS, and validation accuracy after the
+   same number of steps.
+2. pass: one training pass over the same 2,000 SST-2 examples with each side's best data handling:
+   laformer's Trainer (dynamic padding, length buckets) against the brief's pad-to-128 DataLoader loop
+   with transformers + peft. The padded loop's steps all have the same shape, so it is timed over
+   ``--pass-probe`` steps and scaled to the full pass (said so in the table).
+
+    python bench/finetune.py                 # ~15 minutes on 2 cores
+    python bench/finetune.py --steps 8 --eval 128 --pass-examples 400 --pass-probe 4   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+BATCH, LENGTH, LR, RANK, ALPHA = 8, 128, 1e-3, 8, 16
+LABELS = ["negative", "positive"]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def read_split(name: str, limit: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    import random
+
+    rows = [json.loads(line) for line in (DATA / f"{name}.jsonl").open()]
+    random.Random(seed).shuffle(rows)
+    rows = rows[:limit]
+    return [r["text"] for r in rows], [LABELS.index(r["label"]) for r in rows]
+
+
+def padded_batches(folder: str, texts: list[str], labels: list[int]) -> list[dict[str, torch.Tensor]]:
+    """The brief's pipeline: every text padded (or cut) to 128 tokens, batches of 8 in file order."""
+    from laformer.tokenizer import LaFormerTokenizer
+
+    tokenizer = LaFormerTokenizer.from_pretrained(folder)
+    batches = []
+    for start in range(0, len(texts) - BATCH + 1, BATCH):
+        enc = tokenizer(texts[start : start + BATCH], return_tensors="pt", padding="max_length", truncation=True,
+                        max_length=LENGTH)
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                        "labels": torch.tensor(labels[start : start + BATCH])})
+    return batches
+
+
+# -- the two sides ---------------------------------------------------------------------------------------
+
+def load_laformer(folder: str, head: torch.Tensor):
+    from laformer import LaFormerForSequenceClassification
+    from laformer.peft import LoraConfig, get_peft_model
+
+    model = LaFormerForSequenceClassification.from_pretrained(folder, id2label=dict(enumerate(LABELS)), pad_token_id=2)
+    model.score.weight.data.copy_(head)
+    return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+
+
+def load_transformers(folder: str, head: torch.Tensor):
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32)
+    model.config.pad_token_id = 2
+    model.score.weight.data.copy_(head)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                             target_modules=["q_proj", "v_proj"])
+    return peft.get_peft_model(model, config)
+
+
+def train_steps(model, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Seconds for all steps but the first (warm-up)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    model.train()
+    start = None
+    for i, batch in enumerate(batches):
+        if i == 1:
+            start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def accuracy(model, folder: str, texts: list[str], labels: list[int]) -> float:
+    from laformer.tokenizer import LaFormerTokenizer
+
+    tokenizer = LaFormerTokenizer.from_pretrained(folder)
+    model.eval()
+    correct = 0
+    for start in range(0, len(texts), 16):
+        enc = tokenizer(texts[start : start + 16], return_tensors="pt", padding=True)
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        correct += int((logits.argmax(-1) == torch.tensor(labels[start : start + 16])).sum())
+    return correct / len(texts)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    head = torch.load(Path(args.folder) / "head.pt")
+    load = load_laformer if args.side == "laformer" else load_transformers
+    if args.mode == "padded":
+        texts, labels = read_split("train", (args.steps + 1) * BATCH, seed=1)
+        batches = padded_batches(args.folder, texts, labels)
+        model = load(args.folder, head)
+        seconds = train_steps(model, batches)
+        measured = batches[1:]
+        val_texts, val_labels = read_split("validation", args.eval)
+        return {"seconds": seconds, "steps": len(measured),
+                "padded_tokens_per_s": sum(b["input_ids"].numel() for b in measured) / seconds,
+                "real_tokens_per_s": sum(int(b["attention_mask"].sum()) for b in measured) / seconds,
+                "peak_rss_gb": peak_rss_gb(),
+                "val_accuracy": accuracy(model, args.folder, val_texts, val_labels)}
+    texts, labels = read_split("train", args.pass_examples, seed=2)
+    if args.side == "laformer":
+        return laformer_pass(args, head, texts, labels)
+    return padded_pass(args, head, texts, labels)
+
+
+def laformer_pass(args, head, texts, labels) -> dict:
+    from laformer.tokenizer import LaFormerTokenizer
+    from laformer.training import ClassificationDataset, Trainer, TrainingArguments
+
+    model = load_laformer(args.folder, head)
+    tokenizer = LaFormerTokenizer.from_pretrained(args.folder)
+    start = time.perf_counter()
+    dataset = ClassificationDataset(texts, labels, tokenizer, max_length=LENGTH)
+    with tempfile.TemporaryDirectory() as out:
+        run = TrainingArguments(output_dir=out, learning_rate=LR, num_epochs=1, batch_size=BATCH, max_grad_norm=None,
+                                lr_scheduler="constant", bucket_by_length=True, report_to=[], progress_bar=False)
+        Trainer(model, run, dataset).train()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "extrapolated": False, "steps": -(-len(texts) // BATCH), "peak_rss_gb": peak_rss_gb()}
+
+
+def padded_pass(args, head, texts, labels) -> dict:
+    """The brief's section 5.2 loop: a Dataset padding each text to 128, DataLoader(shuffle=True), AdamW."""
+    from torch.utils.data import DataLoader, Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.folder)
+
+    class TextClassificationDataset(Dataset):
+        def __len__(self):
+            return len(texts)
+
+        def __getitem__(self, i):
+            enc = tokenizer(texts[i], return_tensors="pt", max_length=LENGTH, padding="max_length", truncation=True)
+            return {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0],
+                    "labels": torch.tensor(labels[i])}
+
+    model = load_transformers(args.folder, head)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    model.train()
+    loader = DataLoader(TextClassificationDataset(), batch_size=BATCH, shuffle=True)
+    total_steps = len(loader)
+    start, timed = None, 0
+    for i, batch in enumerate(loader):
+        if i == 1:
+            start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if i >= 1:
+            timed += 1
+        if timed == args.pass_probe:
+            break
+    per_step = (time.perf_counter() - start) / timed
+    return {"seconds": per_step * total_steps, "extrapolated": True, "steps": total_steps,
+            "probe_steps": timed, "peak_rss_gb": peak_rss_gb()}
+
+
+# -- the driver --------------------------------------------------------------------------------------------
+
+def prepare(folder: Path) -> None:
+    """The default model as a Hugging Face folder both sides load, and one shared random classifier head."""
+    from laformer import LaFormerForCausalLM
+    from laformer.tokenizer import LaFormerTokenizer
+
+    LaFormerForCausalLM.from_pretrained("smollm2-135m-instruct").save_pretrained(folder)
+    LaFormerTokenizer.from_pretrained("smollm2-135m-instruct").save_pretrained(folder)
+    torch.manual_seed(0)
+    torch.save(torch.randn(2, 576) * 0.02, folder / "head.pt")
+
+
+def launch(args: argparse.Namespace, side: str, mode: str, folder: Path) -> dict:
+    command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--folder", str(folder),
+               "--steps", str(args.steps), "--eval", str(args.eval), "--pass-examples", str(args.pass_examples),
+               "--pass-probe", str(args.pass_probe), "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode:
+        raise SystemExit(f"{side}/{mode} failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {side:12s} {mode:6s} {json.dumps(result)}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=24, help="measured training steps at (8, 128)")
+    parser.add_argument("--eval", type=int, default=400, help="validation examples for accuracy")
+    parser.add_argument("--pass-examples", type=int, default=2000)
+    parser.add_argument("--pass-probe", type=int, default=16, help="timed steps of the padded pass")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", choices=("laformer", "transformers"), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("padded", "pass"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.worker:
+        args.side = args.worker
+        print(json.dumps(worker(args)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        prepare(folder)
+        results = {}
+        for mode in ("padded", "pass"):
+            for side in ("transformers", "laformer"):
+                results[(side, mode)] = launch(args, side, mode, folder)
+    hf, lf = results[("transformers", "padded")], results[("laformer", "padded")]
+    hp, lp = results[("transformers", "pass")], results[("laformer", "pass")]
+    rows = [
+        ("padded tokens/s at (8, 128)", hf["padded_tokens_per_s"], lf["padded_tokens_per_s"], "higher"),
+        ("real tokens/s at (8, 128)", hf["real_tokens_per_s"], lf["real_tokens_per_s"], "higher"),
+        ("peak RSS (GB)", hf["peak_rss_gb"], lf["peak_rss_gb"], "lower"),
+        (f"val accuracy after {lf['steps'] + 1} steps ({args.eval} ex.)", hf["val_accuracy"], lf["val_accuracy"], "higher"),
+        (f"one pass over {args.pass_examples} ex. (s)" + (" *" if hp["extrapolated"] else ""), hp["seconds"], lp["seconds"], "lower"),
+        ("peak RSS of the pass (GB)", hp["peak_rss_gb"], lp["peak_rss_gb"], "lower"),
+    ]
+    print(f"\nLoRA r={RANK} q/v, AdamW lr={LR}, batch {BATCH}, {args.threads} threads, torch {torch.__version__}")
+    print(f"| {'measure':44s} | {'transformers+peft':>17s} | {'laformer':>10s} | {'laformer/peer':>13s} |")
+    print(f"|{'-' * 46}|{'-' * 19}|{'-' * 12}|{'-' * 15}|")
+    for name, theirs, ours, better in rows:
+        print(f"| {name:44s} | {theirs:17.3f} | {ours:10.3f} | {ours / theirs:12.2f}x |")
+    if hp["extrapolated"]:
+        print(f"* transformers' padded pass timed over {hp['probe_steps']} steps (all the same shape) and scaled "
+              f"to its {hp['steps']} steps; speed-up of the pass: {hp['seconds'] / lp['seconds']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({f"{s}/{m}": r for (s, m), r in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
