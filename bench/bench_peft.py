@@ -16,14 +16,16 @@ import time
 import torch
 
 
-def timed(fn, steps: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_pair(fn_a, fn_b, steps: int) -> tuple[float, float]:
+    """Median ms of each, run alternately so that load from other processes hits both alike."""
+    fn_a(), fn_b()  # warm-up
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for fn, bucket in ((fn_a, times[0]), (fn_b, times[1])):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[0]), 1000 * statistics.median(times[1])
 
 
 def train_step(model, ids, optimizer, call):
@@ -74,7 +76,7 @@ def main() -> None:
          lambda: ours(ids), lambda: theirs(input_ids=ids)),
     ]:
         with torch.set_grad_enabled(name.startswith("train")):
-            a, b = timed(fn_ours, args.steps), timed(fn_theirs, args.steps)
+            a, b = timed_pair(fn_ours, fn_theirs, args.steps)
         rows.append((name, a, b))
     print(f"\nbatch {args.batch} x {args.seq} tokens, {args.layers} layers, {torch.get_num_threads()} threads")
     print(f"{'case':<30}{'laformer ms':>14}{'peft ms':>12}{'peft/laformer':>15}")

@@ -137,6 +137,9 @@ def test_save_prunes_to_rank_pattern_and_loads_back(tmp_path):
     fresh = load_adapter(tiny_model(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh(TOKENS).logits, model(TOKENS).logits, atol=1e-6, rtol=0)
+    hooks = peft_training_hooks(fresh)  # pruned at load: allocation is over, further steps change nothing
+    fake_gradients(fresh, generator)
+    hooks.on_step_end(3)
     save_adapter(fresh, tmp_path / "again")  # a loaded (already pruned) adapter saves unchanged
     again = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
     assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in tensors.items()}

@@ -11,7 +11,9 @@ Per layer and KV head (the query heads of a grouped-query group share one choice
 4. Mediation: every unselected slice becomes one pseudo-token (its mean key, with a log(count) logit bias, and
    its mean value); that softmax partition merges with the exact one through their log-sum-exps,
    ``out = (e^lse_x out_x + g e^lse_m out_m) / (e^lse_x + g e^lse_m)``, where the gate ``g`` is 1
-   (``estimate``) or learned per layer and head (``learned``).
+   (``estimate``) or learned per layer and head (``learned``). That merge is exactly one softmax over the
+   exact tokens and the pseudo-tokens with ``log(count) + log g`` added to the pseudo-token logits, which is
+   how it is computed: a single fused ``scaled_dot_product_attention`` call with an additive mask.
 
 Decode (one query) gathers from the cache viewed as whole slices plus the partial last slice. Prefill cuts the
 queries into blocks of one slice each; every block selects its own slices causally, so the cost grows as
@@ -32,12 +34,12 @@ from laformer.attention import sdpa_attention
 from laformer.cache import KVCache
 
 NEG_INF = float("-inf")
-BLOCK_CHUNK_ELEMENTS = 1 << 23  # bounds the gathered keys and scores held at once in prefill
+BLOCK_CHUNK_ELEMENTS = 1 << 23  # bounds the gathered keys and attention masks held at once in prefill
 
 
 class MediationGate(nn.Module):
-    """The learned gate of one layer: ``log g = w . f + b`` per query head, from two slice features
-    (log-mass of the compressed branch relative to the exact one, and the fraction of tokens left out).
+    """The learned gate of one layer: ``log g = w . f + b`` per query head, from two features of the slices
+    left out (the fraction of the visible tokens they hold, and the sampling probability they carry).
     Initialised to zero, so it starts as the training-free ``estimate`` (g = 1)."""
 
     def __init__(self, num_heads: int) -> None:
@@ -45,16 +47,12 @@ class MediationGate(nn.Module):
         self.weight = nn.Parameter(torch.zeros(num_heads, 2))
         self.bias = nn.Parameter(torch.zeros(num_heads))
 
-    def forward(self, lse_exact: torch.Tensor, lse_mediated: torch.Tensor, left_out: torch.Tensor) -> torch.Tensor:
-        """Log-gates (B, H_kv, Q, R) for rows R ordered (group head, query); ``left_out`` is (B, 1|H_kv, Q, 1)."""
-        B, Hkv, Q, R = lse_exact.shape
-        G = self.bias.shape[0] // Hkv
-        relative = ((lse_mediated - lse_exact).nan_to_num(0.0, posinf=20.0, neginf=-20.0).clamp(-20, 20) / 10)
-        relative = relative.view(B, Hkv, Q, G, R // G)
-        w = self.weight.view(1, Hkv, 1, G, 1, 2)
-        b = self.bias.view(1, Hkv, 1, G, 1)
-        left_out = left_out.view(B, -1, Q, 1, 1).to(relative.dtype)
-        return (w[..., 0] * relative + w[..., 1] * left_out + b).view(B, Hkv, Q, R)
+    def forward(self, left_out: torch.Tensor, left_mass: torch.Tensor) -> torch.Tensor:
+        """Log-gates (B, H_kv, Q, G) from (B, 1|H_kv, Q) features of each query block."""
+        Hkv = left_mass.shape[1]
+        features = torch.stack(torch.broadcast_tensors(left_out, left_mass), -1)  # (B, H_kv, Q, 2)
+        w = self.weight.view(Hkv, -1, 2)  # (H_kv, G, 2)
+        return torch.einsum("bhqf,hgf->bhqg", features.to(w.dtype), w) + self.bias.view(Hkv, -1)[:, None]
 
 
 class AMAAttention:
@@ -119,8 +117,8 @@ class AMAAttention:
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose slices for Q query blocks, block ``i`` holding the queries of slice ``first + i``.
 
-        ``qrows`` (B, H_kv, Q, R, D) are the blocks' queries, pre-scaled by 1/sqrt(d), one row per (group head,
-        position), zero rows being block padding; ``positions`` the real queries per block (a number or (Q, 1)).
+        ``qrows`` (B, H_kv, Q, R, D) are the blocks' queries, one row per (group head, position), zero rows
+        being block padding; ``positions`` the real queries per block (a number or (Q, 1)).
         Scores are summed over the group's heads and averaged over positions. Returns the candidate
         probabilities (B, H_kv, Q, F) (None unless recorded or sampled), the chosen slice indices and whether
         each is real (B, H_kv, Q, n_pick), and the candidate mask (B, 1, Q, F) over the F summarised slices.
@@ -137,9 +135,9 @@ class AMAAttention:
             q_agg = q_agg / positions
         scores = q_agg @ slice_keys.to(dtype).transpose(-1, -2)  # (B, H_kv, Q, F)
         cand = choosable & (s.count[:, :, None, :] > 0)  # (B, 1, Q, F)
-        logits = scores.masked_fill(~cand, NEG_INF)  # score / sqrt(d): q is pre-scaled
+        logits = (scores / math.sqrt(qrows.shape[-1])).masked_fill(~cand, NEG_INF)
         probs = None
-        if self.recorder is not None or cfg.sampling == "gumbel":
+        if self.recorder is not None or cfg.sampling == "gumbel" or self.gates is not None:
             probs = logits.softmax(-1).nan_to_num(0.0)  # a block with no candidate has all-zero probabilities
         if cfg.sampling == "gumbel":
             logits = logits - torch.empty_like(logits).exponential_().log()
@@ -160,36 +158,36 @@ class AMAAttention:
         G, Fs = H // Hkv, S // L
         tail = slice(Fs * L, S)  # the partial last slice, always attended
         partial = int(S > Fs * L)
-        qrows = (q / math.sqrt(D)).view(B, Hkv, 1, G, D)  # (B, H_kv, Q=1, R=G, D), pre-scaled
+        qrows = q.view(B, Hkv, 1, G, D)  # (B, H_kv, Q=1, R=G, D)
         probs, idx, ok, cand = self._plan(qrows, 1.0, summaries, (S - 1) // L, Fs, cfg.budget_slices - partial)
         if self.recorder is not None:
             own_slice = idx.new_full((B, Hkv, 1, partial), (S - 1) // L)
             self._record(layer_idx, S, probs, torch.cat([idx, own_slice], -1),
                          torch.cat([ok, torch.ones_like(own_slice, dtype=torch.bool)], -1), Fs + partial)
         sel = idx[:, :, 0]  # (B, H_kv, n)
-        keys = gather_slices(k, sel, L).flatten(2, 3).to(q.dtype)  # (B, H_kv, n*L, D): only these are read
-        values = gather_slices(v, sel, L).flatten(2, 3).to(q.dtype)
-        qg = qrows.view(B, Hkv, G, D)
-        scores = qg @ keys.transpose(-1, -2)  # (B, H_kv, G, n*L)
-        if partial:
-            scores = torch.cat([scores, qg @ k[:, :, tail].to(q.dtype).transpose(-1, -2)], -1)
+        keys = [gather_slices(k, sel, L).flatten(2, 3), k[:, :, tail]]  # only the chosen slices are read
+        values = [gather_slices(v, sel, L).flatten(2, 3), v[:, :, tail]]
+        bias = None
         if valid is not None or not bool(ok.all()):
             allowed = ok[:, :, 0, :, None].expand(-1, -1, -1, L)  # (B, H_kv, n, L)
             if valid is not None:
                 allowed = allowed & gather_slices(valid[:, None, :, None].expand(-1, Hkv, -1, -1), sel, L)[..., 0]
-            tail_ok = (valid[:, None, tail] if valid is not None else ok.new_ones(1, 1, S - Fs * L))
+            tail_ok = valid[:, None, tail] if valid is not None else ok.new_ones(1, 1, S - Fs * L)
             allowed = torch.cat([allowed.flatten(2), tail_ok.expand(B, Hkv, -1)], -1)
-            scores = scores.masked_fill(~allowed[:, :, None], NEG_INF)
-        lse = scores.logsumexp(-1)  # (B, H_kv, G)
-        weights = (scores - lse[..., None]).exp()
-        n = keys.shape[2]
-        out = weights[..., :n] @ values
-        if partial:
-            out = out + weights[..., n:] @ v[:, :, tail].to(q.dtype)
-        out, lse = out[:, :, None], lse[:, :, None]  # (B, H_kv, Q=1, G, D)
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, NEG_INF)
+            bias = bias[:, :, None]  # (B, H_kv, 1, n*L + t)
         if cfg.mediation != "off":
             picked = torch.zeros(B, Hkv, 1, Fs, dtype=torch.bool, device=q.device).scatter_(-1, idx, ok)
-            out = self._mediate(qrows, out, lse, cand & ~picked, summaries, gate, S)
+            pseudo = self._pseudo_bias(cand & ~picked, probs, summaries, gate, S, q.dtype)[:, :, 0]  # (B,H_kv,1|G,F)
+            if bias is None:
+                bias = torch.zeros(B, Hkv, 1, sum(x.shape[2] for x in keys), dtype=q.dtype, device=q.device)
+            rows = pseudo.shape[2]
+            bias = torch.cat([bias.expand(-1, -1, rows, -1), pseudo], -1)
+            keys.append(summaries.kmean)
+            values.append(summaries.vmean)
+        keys = torch.cat([x.to(q.dtype) for x in keys], 2)
+        values = torch.cat([x.to(q.dtype) for x in values], 2)
+        out = F.scaled_dot_product_attention(q.view(B, Hkv, G, D), keys, values, attn_mask=bias)  # (B, H_kv, G, D)
         return out.view(B, H, 1, D)
 
     # ------------------------------------------------------------------ prefill: block-sparse
@@ -198,13 +196,12 @@ class AMAAttention:
         cfg, L = self.config, self.config.slice_len
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
-        G = H // Hkv
+        G, Fs = H // Hkv, summaries.num_slices
         P0 = S - T  # position of the first query
         c0, N = P0 // L, -(-S // L)
         nb, front, back = N - c0, P0 - c0 * L, N * L - S
         # Queries padded to whole blocks, rows of a block ordered (group head, position): (B, H_kv, nb, G*L, D)
-        qb = F.pad(q / math.sqrt(D), (0, 0, front, back)).view(B, Hkv, G, nb, L, D)
-        qb = qb.transpose(2, 3).reshape(B, Hkv, nb, G * L, D)  # pre-scaled by 1/sqrt(d)
+        qb = F.pad(q, (0, 0, front, back)).view(B, Hkv, G, nb, L, D).transpose(2, 3).reshape(B, Hkv, nb, G * L, D)
         kb = F.pad(k, (0, 0, 0, back)).unflatten(2, (N, L))  # (B, H_kv, N, L, D)
         vb = F.pad(v, (0, 0, 0, back)).unflatten(2, (N, L))
         own = torch.arange(c0, N, device=q.device)
@@ -213,47 +210,58 @@ class AMAAttention:
         probs, idx, ok, cand = self._plan(qb, positions, summaries, c0, N, n_pick)
         if self.recorder is not None:
             self._record(layer_idx, S, probs, idx, ok, N)
+        mediate = cfg.mediation != "off"
+        if mediate:
+            picked = torch.zeros(B, Hkv, nb, N, dtype=torch.bool, device=q.device).scatter_(-1, idx, ok)[..., :Fs]
+            pseudo = self._pseudo_bias(cand & ~picked, probs, summaries, gate, S, q.dtype)  # (B, H_kv, nb, 1|G, F)
         b = torch.arange(B, device=q.device)[:, None, None, None]
         h = torch.arange(Hkv, device=q.device)[None, :, None, None]
         offsets = torch.arange(L, device=q.device)
-        rows = max(1, BLOCK_CHUNK_ELEMENTS // (B * H * L * n_pick * L + 2 * B * Hkv * n_pick * L * D))
+        n_keys = n_pick * L + (Fs if mediate else 0)
+        chunk = max(1, BLOCK_CHUNK_ELEMENTS // (B * Hkv * (G * L * n_keys + 2 * n_keys * D)))
         outs = []
-        for start in range(0, nb, rows):
-            blk = slice(start, min(start + rows, nb))
+        for start in range(0, nb, chunk):
+            blk = slice(start, min(start + chunk, nb))
             sel, sel_ok = idx[:, :, blk], ok[:, :, blk]  # (B, H_kv, C, n)
-            keys = kb[b, h, sel].flatten(3, 4).to(q.dtype)  # (B, H_kv, C, n*L, D)
-            values = vb[b, h, sel].flatten(3, 4).to(q.dtype)
+            C = sel.shape[2]
+            keys = kb[b, h, sel].flatten(3, 4)  # (B, H_kv, C, n*L, D): only the chosen slices are read
+            values = vb[b, h, sel].flatten(3, 4)
             key_pos = (sel[..., None] * L + offsets).flatten(3)  # (B, H_kv, C, n*L)
             q_pos = own[blk, None] * L + offsets  # (C, L)
             allowed = (key_pos[:, :, :, None, :] <= q_pos[:, :, None]) & sel_ok.repeat_interleave(L, -1)[:, :, :, None]
             if mask is not None:
                 q_row = (q_pos - P0).clamp(0, T - 1)[None, None, :, :, None]
                 allowed = allowed & mask[:, 0][b[..., None], q_row, key_pos.clamp_max(S - 1)[:, :, :, None, :]]
-            allowed = allowed[:, :, :, None]  # (B, H_kv, C, 1, L, n*L): shared by the group's heads
-            out, lse = exact_attention(qb[:, :, blk], keys, values, allowed)
-            if cfg.mediation != "off":
-                picked = torch.zeros(*sel.shape[:3], N, dtype=torch.bool, device=q.device).scatter_(-1, sel, sel_ok)
-                picked = picked[..., : summaries.num_slices]
-                out = self._mediate(qb[:, :, blk], out, lse, cand[:, :, blk] & ~picked, summaries, gate, S)
-            outs.append(out)
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, NEG_INF)
+            bias = bias[:, :, :, None].expand(-1, -1, -1, G, -1, -1)  # (B, H_kv, C, G, L, n*L): shared by a group
+            if mediate:
+                keys = torch.cat([keys, summaries.kmean[:, :, None].expand(-1, -1, C, -1, -1).to(keys.dtype)], 3)
+                values = torch.cat([values, summaries.vmean[:, :, None].expand(-1, -1, C, -1, -1).to(keys.dtype)], 3)
+                bias = torch.cat([bias, pseudo[:, :, blk, :, None].expand(-1, -1, -1, G, L, -1)], -1)
+            n = keys.shape[3]
+            out = F.scaled_dot_product_attention(
+                qb[:, :, blk].reshape(B, Hkv * C, G * L, D), keys.reshape(B, Hkv * C, n, D).to(q.dtype),
+                values.reshape(B, Hkv * C, n, D).to(q.dtype), attn_mask=bias.reshape(B, Hkv * C, G * L, n),
+            )
+            outs.append(out.view(B, Hkv, C, G * L, D))
         out = torch.cat(outs, 2).view(B, Hkv, nb, G, L, D).transpose(2, 3).reshape(B, H, nb * L, D)
         return out[:, :, front : front + T]
 
     # ------------------------------------------------------------------ mediation
 
-    def _mediate(self, qrows, out, lse, unselected, summaries, gate, key_len) -> torch.Tensor:
-        """Merge the exact branch with one pseudo-token per unselected slice, as two softmax partitions."""
+    def _pseudo_bias(self, unselected, probs, summaries, gate, key_len, dtype) -> torch.Tensor:
+        """Logit bias (B, H_kv, Q, 1|G, F) of the pseudo-tokens: log(count) (+ log g), -inf where selected.
+
+        Adding it to q . mean_key / sqrt(d) and taking one softmax with the exact tokens is the two-partition
+        merge ``(e^lse_x out_x + g e^lse_m out_m) / (e^lse_x + g e^lse_m)``.
+        """
         s = summaries
-        dtype = qrows.dtype
-        logits = qrows @ s.kmean.to(dtype)[:, :, None].transpose(-1, -2)  # q is pre-scaled
-        logits = (logits + s.log_count.to(dtype)[:, :, None, None]).masked_fill(~unselected[:, :, :, None], NEG_INF)
-        lse_m = logits.logsumexp(-1)  # (B, H_kv, Q, R)
-        weights = (logits - lse_m.nan_to_num(0.0, neginf=0.0)[..., None]).exp()
-        out_m = weights @ s.vmean.to(dtype)[:, :, None]  # (B, H_kv, Q, R, D)
+        bias = s.log_count.to(dtype)[:, :, None].masked_fill(~unselected, NEG_INF)[:, :, :, None]
         if gate is not None:
-            left_out = (s.count[:, :, None] * unselected).sum(-1, keepdim=True) / key_len
-            lse_m = lse_m + gate(lse, lse_m, left_out).to(dtype)
-        return torch.lerp(out_m, out, torch.sigmoid(lse - lse_m)[..., None])
+            left_out = (s.count[:, :, None] * unselected).sum(-1) / key_len  # (B, H_kv, Q)
+            left_mass = (probs * unselected).sum(-1)
+            bias = bias + gate(left_out, left_mass).to(dtype)[..., None]
+        return bias
 
 
 def gather_slices(x: torch.Tensor, sel: torch.Tensor, slice_len: int) -> torch.Tensor:
@@ -273,20 +281,6 @@ def gather_slices(x: torch.Tensor, sel: torch.Tensor, slice_len: int) -> torch.T
         return blocks.index_select(0, (sel + first[..., None]).flatten()).view(out_shape)
     full = x[:, :, : x.shape[2] // slice_len * slice_len].unflatten(2, (-1, slice_len))
     return torch.stack([full[b, h].index_select(0, sel[b, h]) for b in range(B) for h in range(H)]).view(out_shape)
-
-
-def exact_attention(
-    qrows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of pre-scaled (B, H_kv, Q, R, D) rows over gathered (B, H_kv, Q, n, D) keys, returning
-    the output and each row's log-sum-exp. ``allowed`` broadcasts to (B, H_kv, Q, [G,] rows, n)."""
-    scores = qrows @ keys.transpose(-1, -2)  # (B, H_kv, Q, R, n)
-    if allowed.dim() == 6:  # a per-position mask shared by the group's heads: rows are (G, L)
-        scores = scores.unflatten(3, (-1, allowed.shape[4])).masked_fill(~allowed, NEG_INF).flatten(3, 4)
-    else:
-        scores = scores.masked_fill(~allowed, NEG_INF)
-    lse = scores.logsumexp(-1).clamp_min(torch.finfo(scores.dtype).min)  # padded block rows may see nothing
-    return (scores - lse[..., None]).exp() @ values, lse
 
 
 def key_validity(mask: torch.Tensor | None, query_len: int) -> torch.Tensor | None:

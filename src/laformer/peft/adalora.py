@@ -177,6 +177,8 @@ class AdaLoraHooks:
         self.init_budget = sum(m.rank for m in self.layers.values())
         self.target_budget = config.target_r * len(self.layers)
         self.rank_pattern: dict[str, list[bool]] | None = config.rank_pattern
+        # A loaded adapter is already pruned to its final ranks: allocation is over, only the penalty remains.
+        self.finished = any(m.rank != int(m.ranknum) for m in self.layers.values())
         self.reset_importance()
 
     def reset_importance(self) -> None:
@@ -232,6 +234,8 @@ class AdaLoraHooks:
     @torch.no_grad()
     def on_step_end(self, global_step: int) -> None:
         """Call after ``optimizer.step()`` and before ``zero_grad()``: it reads the gradients."""
+        if self.finished:
+            return
         c = self.config
         if c.total_step is None:
             raise ConfigError("AdaLoRA needs total_step; set AdaLoraConfig(total_step=...) or hooks.set_total_step(n)")

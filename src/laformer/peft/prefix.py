@@ -6,6 +6,8 @@ given and adds always-True columns to the mask, then calls the backend it wraps.
 enters the ``KVCache``, positions are untouched, and padding, caching and generation work unchanged.
 The prefixes live in ``model.prefix_encoder``; with ``prefix_projection`` they are produced by a two-layer MLP
 from a small embedding (the paper's reparameterisation, stabler to train).
+Replacing the backend (``set_attention``, ``generate(attention=...)``) drops the prefix; to combine it with
+another backend pass ``PrefixAttention(model.prefix_encoder, other_backend)`` instead.
 """
 
 from __future__ import annotations

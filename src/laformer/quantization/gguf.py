@@ -23,7 +23,10 @@ DIRECT_TYPES = {  # quantization mode -> ggml types that map onto it without los
 def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> torch.Tensor:
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     rows, cols = shape
-    return torch.from_numpy(np.ascontiguousarray(data).view(np.uint8)).view(rows, cols // block_size, type_size)
+    data = np.ascontiguousarray(data).view(np.uint8)
+    if not data.flags.writeable:  # torch wants writable memory; we only read it
+        data = data.copy()
+    return torch.from_numpy(data).view(rows, cols // block_size, type_size)
 
 
 def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:

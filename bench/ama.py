@@ -1,0 +1,292 @@
+"""Actively Mediated Attention on the default model, against full attention and a sinks + window baseline.
+
+For each context: decode time per token (end to end and attention alone), prefill time, perplexity on the long
+texts in ../shared/data/longtext (sliding windows, the last quarter of each scored) and passkey retrieval
+accuracy (a 5-digit key stated once in filler text at depths 0%..100%, asked for at the end).
+
+    python bench/ama.py                   # everything at 1k, 2k, 4k and 8k (many CPU hours)
+    python bench/ama.py --quick           # decode speed at 1k-8k, quality at 1k and 2k, few trials
+    python bench/ama.py --quality-contexts 4096 --trials 20 --methods full,ama-1024,window-1024
+
+Decode timing runs on a KV cache filled with random keys/values of the given length (a decode step's cost does
+not depend on what the cache holds); quality runs on real text. ``--passkey-prefill shared`` (default) prefills
+each passkey prompt once with full attention and runs the question and the answer under each method, as Quest
+evaluates; ``method`` runs the whole prompt under the method (slow). Every method uses the same cache class
+(``SlicedKVCache``), so the timings compare attention, not cache copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from laformer import LaFormerForCausalLM
+from laformer.ama import AMAConfig, SlicedKVCache
+from laformer.attention import sdpa_attention
+from laformer.formats.registry import DEFAULT_MODEL, resolve
+from laformer.tokenizer import LaFormerTokenizer
+
+LONGTEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "longtext"
+SLICE = 64
+METHODS = {
+    "full": None,
+    "ama-512": AMAConfig(slice_len=SLICE, budget=512),
+    "ama-1024": AMAConfig(slice_len=SLICE, budget=1024),
+    "ama-512-off": AMAConfig(slice_len=SLICE, budget=512, mediation="off"),
+    "ama-1024-off": AMAConfig(slice_len=SLICE, budget=1024, mediation="off"),
+    "window-512": AMAConfig(slice_len=SLICE, budget=512, local_window=512 - SLICE, mediation="off"),
+    "window-1024": AMAConfig(slice_len=SLICE, budget=1024, local_window=1024 - SLICE, mediation="off"),
+}
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = " What is the pass key? The pass key is"
+
+
+class Timed:
+    """Wraps an attention backend and accumulates the seconds spent inside it."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.seconds = backend, 0.0
+
+    def __call__(self, q, k, v, mask, *, layer_idx, cache):
+        start = time.perf_counter()
+        out = self.backend(q, k, v, mask, layer_idx=layer_idx, cache=cache)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def use(model: LaFormerForCausalLM, method: str) -> Timed:
+    config = METHODS[method]
+    timed = Timed(sdpa_attention if config is None else config.build_backend(model.decoder))
+    model.decoder.set_attention(timed)
+    return timed
+
+
+def same_as_full(method: str, context: int) -> bool:
+    """A budget that covers the context makes AMA exactly full attention: reuse full's numbers."""
+    config = METHODS[method]
+    return config is not None and -(-context // SLICE) <= config.budget_slices
+
+
+# ---------------------------------------------------------------- speed
+
+
+@torch.no_grad()
+def decode_speed(model, context: int, methods: list[str], steps: int) -> dict[str, dict[str, float]]:
+    cfg = model.config
+    cache = SlicedKVCache(cfg.num_hidden_layers, SLICE, capacity=context + steps + 4)
+    g = torch.Generator().manual_seed(0)
+    for layer in range(cfg.num_hidden_layers):
+        shape = (1, cfg.num_key_value_heads, context, cfg.head_dim)
+        cache.update(layer, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    token = torch.tensor([[42]])
+    results = {}
+    for method in methods:
+        cache.crop(context)
+        timed = use(model, method)
+        for _ in range(2):  # warm-up; the first AMA step also summarises the whole cache
+            model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        timed.seconds = 0.0
+        start = time.perf_counter()
+        for _ in range(steps):
+            model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        total = time.perf_counter() - start
+        results[method] = {"decode_ms": 1000 * total / steps, "attn_ms": 1000 * timed.seconds / steps}
+    model.decoder.set_attention(None)
+    return results
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def text_windows(tokenizer, context: int, count: int) -> list[torch.Tensor]:
+    """``count`` windows of ``context`` tokens, sliding by a quarter, spread over the long texts."""
+    files = sorted(LONGTEXT.glob("*.txt"))
+    per_file = [count // len(files) + (i < count % len(files)) for i in range(len(files))]
+    windows = []
+    for path, n in zip(files, per_file):
+        if n == 0:
+            continue
+        need = context + (n - 1) * (context // 4)
+        ids = tokenizer.encode(path.read_text(encoding="utf-8")[: need * 8], add_special_tokens=False)
+        for i in range(n):
+            start = i * (context // 4)
+            windows.append(torch.tensor(ids[start : start + context]))
+    return [w for w in windows if len(w) == context]
+
+
+@torch.no_grad()
+def perplexity(model, windows: list[torch.Tensor], method: str) -> tuple[float, float]:
+    """Perplexity over the last quarter of every window, and the mean seconds of one window's forward."""
+    use(model, method)
+    nll, count, seconds = 0.0, 0, 0.0
+    for ids in windows:
+        scored = len(ids) // 4
+        start = time.perf_counter()
+        logits = model(ids[None], logits_to_keep=scored + 1).logits[0, :-1].float()
+        seconds += time.perf_counter() - start
+        nll += F.cross_entropy(logits, ids[-scored:], reduction="sum").item()
+        count += scored
+    model.decoder.set_attention(None)
+    return math.exp(nll / count), seconds / len(windows)
+
+
+# ---------------------------------------------------------------- passkey
+
+
+def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> tuple[list[int], int]:
+    """Token ids of about ``context`` tokens with the key stated once at ``depth``; and the question's length."""
+    filler = tokenizer.encode(FILLER, add_special_tokens=False)
+    needle = tokenizer.encode(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False)
+    question = tokenizer.encode(QUESTION, add_special_tokens=False)
+    room = context - len(needle) - len(question)
+    body = (filler * (room // len(filler) + 1))[:room]
+    at = int(round(depth * len(body) / len(filler))) * len(filler)
+    at = min(at, len(body))
+    return body[:at] + needle + body[at:] + question, len(question)
+
+
+@torch.no_grad()
+def answer(model, prompt: list[int], cache: SlicedKVCache | None, start: int, new_tokens: int) -> list[int]:
+    """Greedy continuation of ``prompt``; ``cache`` already holds its first ``start`` tokens."""
+    cache = cache if cache is not None else SlicedKVCache(model.config.num_hidden_layers, SLICE)
+    cache.crop(start)
+    logits = model(torch.tensor([prompt[start:]]), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    out = []
+    for _ in range(new_tokens):
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return out
+
+
+@torch.no_grad()
+def passkey(model, tokenizer, context: int, methods: list[str], trials: int, shared: bool) -> dict[str, float]:
+    rng = random.Random(context)
+    hits = {m: 0 for m in methods}
+    for trial in range(trials):
+        depth = trial / max(1, trials - 1)
+        key = str(rng.randint(10000, 99999))
+        prompt, question = passkey_prompt(tokenizer, context, depth, key)
+        cache, start = None, 0
+        if shared:
+            cache, start = SlicedKVCache(model.config.num_hidden_layers, SLICE, capacity=context + 16), len(prompt) - question
+            use(model, "full")
+            model(torch.tensor([prompt[:start]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for method in methods:
+            use(model, method)
+            text = tokenizer.decode(answer(model, prompt, cache, start, 7))
+            hits[method] += key in re.sub(r"\s", "", text)
+    model.decoder.set_attention(None)
+    return {m: 100.0 * hits[m] / trials for m in methods}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def heatmap(model, tokenizer, context: int, path: Path) -> None:
+    """Selections of ama-1024 while answering one passkey prompt (key at 30% depth), drawn as a PNG."""
+    from laformer.ama.viz import selection_heatmap
+
+    config = AMAConfig(slice_len=SLICE, budget=1024, return_selection=True)
+    prompt, question = passkey_prompt(tokenizer, context, 0.3, "52817")
+    cache = SlicedKVCache(model.config.num_hidden_layers, SLICE)
+    model.decoder.set_attention(None)
+    with torch.no_grad():
+        model(torch.tensor([prompt[:-question]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model.decoder.set_attention(config)
+    answer(model, prompt, cache, len(prompt) - question, 16)
+    model.decoder.set_attention(None)
+    selection_heatmap(config.recorder, path, layers=list(range(0, model.config.num_hidden_layers, 3)))
+    print(f"selection heatmap: {path}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="1024,2048,4096,8192", help="contexts for decode/prefill timing")
+    parser.add_argument("--quality-contexts", default=None, help="contexts for perplexity and passkey "
+                        "(default: --contexts)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--trials", type=int, default=20, help="passkey trials per context (depths 0..100%%)")
+    parser.add_argument("--ppl-windows", type=int, default=6, help="perplexity windows per context")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per method")
+    parser.add_argument("--passkey-prefill", choices=("shared", "method"), default="shared")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="quality at 1k and 2k only, 5 trials, 2 windows, "
+                        "8 decode steps")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--heatmap", type=Path, default=None, help="draw a selection heatmap PNG here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.quality_contexts = args.quality_contexts or "1024,2048"
+        args.trials, args.ppl_windows, args.decode_tokens = 5, 2, 8
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    quality = [int(c) for c in (args.quality_contexts or args.contexts).split(",") if c]
+    methods = args.methods.split(",")
+    if methods[0] != "full":
+        methods = ["full"] + [m for m in methods if m != "full"]
+
+    path = resolve(DEFAULT_MODEL)
+    model = LaFormerForCausalLM.from_pretrained(path)
+    tokenizer = LaFormerTokenizer.from_pretrained(path)
+    print(f"threads={torch.get_num_threads()} {AMAConfig(budget=1024).describe()}; "
+          f"{AMAConfig(budget=512).describe()}", file=sys.stderr)
+    rows: dict[tuple[int, str], dict[str, float]] = {}
+    for context in sorted(set(contexts) | set(quality)):
+        if context in contexts:
+            for method, r in decode_speed(model, context, methods, args.decode_tokens).items():
+                rows.setdefault((context, method), {}).update(r)
+            print(f"[{context}] decode timed", file=sys.stderr)
+        if context in quality:
+            windows = text_windows(tokenizer, context, args.ppl_windows)
+            for method in methods:
+                row = rows.setdefault((context, method), {})
+                if same_as_full(method, context):
+                    row.update({k: rows[(context, "full")][k] for k in ("ppl", "prefill_s")})
+                    continue
+                row["ppl"], row["prefill_s"] = perplexity(model, windows, method)
+                print(f"[{context}] {method} ppl {row['ppl']:.3f} prefill {row['prefill_s']:.1f}s", file=sys.stderr)
+            distinct = [m for m in methods if not same_as_full(m, context)]
+            scores = passkey(model, tokenizer, context, distinct, args.trials, args.passkey_prefill == "shared")
+            for method in methods:
+                rows[(context, method)]["passkey"] = scores["full" if same_as_full(method, context) else method]
+            print(f"[{context}] passkey {scores}", file=sys.stderr)
+    if args.heatmap:
+        heatmap(model, tokenizer, max(quality or contexts), args.heatmap)
+    print_table(rows, methods)
+    if args.json:
+        args.json.write_text(json.dumps({f"{c}/{m}": r for (c, m), r in rows.items()}, indent=1))
+
+
+def print_table(rows: dict[tuple[int, str], dict[str, float]], methods: list[str]) -> None:
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    print("| context | method | decode ms/tok | x full | attn ms/tok | x full | prefill s | x full | ppl | "
+          "ppl vs full | passkey % |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for context in sorted({c for c, _ in rows}):
+        full = rows.get((context, "full"), {})
+        for method in methods:
+            r = rows.get((context, method), {})
+            ratio = {k: (full[k] / r[k] if k in r and k in full and r[k] else None)
+                     for k in ("decode_ms", "attn_ms", "prefill_s")}
+            delta = 100 * (r["ppl"] / full["ppl"] - 1) if "ppl" in r and "ppl" in full else None
+            print(f"| {context} | {method} | {cell(r.get('decode_ms'), '.1f')} | {cell(ratio['decode_ms'], '.2f')} | "
+                  f"{cell(r.get('attn_ms'), '.2f')} | {cell(ratio['attn_ms'], '.2f')} | "
+                  f"{cell(r.get('prefill_s'), '.1f')} | {cell(ratio['prefill_s'], '.2f')} | "
+                  f"{cell(r.get('ppl'), '.3f')} | {cell(delta, '+.1f')}% | {cell(r.get('passkey'), '.0f')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The lean decode path: fused projections, the static cache, the engine (eager and compiled)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from laformer import GenerationError, LaFormerConfig, LaFormerForCausalLM
+from laformer.generation import generate
+from laformer.inference import DecodeEngine, StaticKVCache, fuse_projections
+from laformer.quantization import quantize_model
+
+# A large init spreads the logits, so greedy choices are far from ties and token sequences compare exactly.
+CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, eos_token_id=None)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LaFormerForCausalLM:
+    return LaFormerForCausalLM.from_config(LaFormerConfig(**CONFIG), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompts of 11, 7 and 9 tokens, left-padded."""
+    ids = torch.randint(0, CONFIG["vocab_size"], (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :2] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_fuse_projections_keeps_outputs_and_names(tiny, mode):
+    plain = copy.deepcopy(tiny)
+    if mode:
+        quantize_model(plain, mode, 32)
+    fused = copy.deepcopy(plain)
+    assert fuse_projections(fused) == 2 * CONFIG["num_hidden_layers"]
+    assert hasattr(fused.model.layers[0].self_attn, "qkv_proj") and hasattr(fused.model.layers[0].mlp, "gate_up_proj")
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+    # Hugging Face names on the outside: the state dict is the unfused one, and it loads back into a fused model.
+    state, fused_state = plain.state_dict(), fused.state_dict()
+    assert sorted(fused_state) == sorted(state)
+    assert all(torch.equal(fused_state[k], state[k]) for k in state)
+    other = LaFormerForCausalLM.from_config(LaFormerConfig(**CONFIG), seed=5).eval()
+    if mode:
+        quantize_model(other, mode, 32)
+    fuse_projections(other)
+    other.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_projections_leaves_lora_wrapped_layers_alone(tiny):
+    model = copy.deepcopy(tiny)
+    model.model.layers[0].self_attn.q_proj = torch.nn.Sequential(model.model.layers[0].self_attn.q_proj)
+    assert fuse_projections(model) == 2 * CONFIG["num_hidden_layers"] - 1
+
+
+def test_static_cache_in_plain_generate_matches_growable_cache(tiny, batch):
+    ids, mask = batch
+    expected = generate(tiny, ids, mask, max_new_tokens=12)
+    cache = StaticKVCache(tiny.config, 3, 11 + 12)
+    torch.testing.assert_close(generate(tiny, ids, mask, max_new_tokens=12, cache=cache), expected)
+    assert cache.get_seq_length() == 11 + 11
+
+
+def test_static_cache_errors(tiny):
+    with pytest.raises(GenerationError, match="batch_size >= 1"):
+        StaticKVCache(tiny.config, 0, 8)
+    cache = StaticKVCache(tiny.config, 1, 8)
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, 9))
+    with pytest.raises(GenerationError, match="larger max_length"):
+        tiny(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(GenerationError, match="one source row per row"):
+        cache.reorder(torch.tensor([0, 0]))
+
+
+def test_engine_equals_plain_generate_on_padded_batch(tiny, batch):
+    ids, mask = batch
+    expected = generate(tiny, ids, mask, max_new_tokens=20)
+    engine = DecodeEngine(copy.deepcopy(tiny))
+    torch.testing.assert_close(generate(engine.model, ids, mask, max_new_tokens=20, engine=engine), expected)
+    # The buffers are reused by the next request; the result does not depend on what they held.
+    torch.testing.assert_close(generate(engine.model, ids, mask, max_new_tokens=20, engine=engine), expected)
+    with torch.no_grad():
+        reference = tiny(ids, mask).logits[:, -1]
+    torch.testing.assert_close(engine.prefill(ids, mask), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_with_sampling_and_repetition_penalty_matches_plain(tiny, batch):
+    ids, mask = batch
+    options = dict(max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=3)
+    engine = DecodeEngine(copy.deepcopy(tiny))
+    torch.testing.assert_close(generate(engine.model, ids, mask, engine=engine, **options),
+                               generate(tiny, ids, mask, **options))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_engine_composes_with_quantized_models(tiny, batch, mode):
+    ids, mask = batch
+    model = quantize_model(copy.deepcopy(tiny), mode, 32)
+    expected = generate(model, ids, mask, max_new_tokens=10)
+    engine = DecodeEngine(model)  # fuses the quantized projections too
+    torch.testing.assert_close(generate(model, ids, mask, max_new_tokens=10, engine=engine), expected)
+
+
+def test_engine_routes_attention_through_the_backend(tiny, batch):
+    from laformer.attention import sdpa_attention
+
+    calls = []
+
+    def backend(q, k, v, mask, *, layer_idx, cache):
+        calls.append((layer_idx, q.shape[-2], k.shape[-2]))
+        return sdpa_attention(q, k, v, mask, layer_idx=layer_idx, cache=cache)
+
+    ids, mask = batch
+    engine = DecodeEngine(copy.deepcopy(tiny))
+    out = generate(engine.model, ids, mask, max_new_tokens=3, engine=engine, attention=backend)
+    torch.testing.assert_close(out, generate(tiny, ids, mask, max_new_tokens=3))
+    assert [c[0] for c in calls[:2]] == [0, 1] and calls[0][1] == 11 and calls[-1][1] == 1
+    assert calls[-1][2] == engine.cache.max_length  # the step sees the whole fixed-shape buffer, masked
+
+
+def test_engine_errors(tiny):
+    engine = DecodeEngine(copy.deepcopy(tiny))
+    with pytest.raises(GenerationError, match="no cache yet"):
+        engine.prefill_row(0, torch.tensor([1, 2]))
+    with pytest.raises(GenerationError, match="exceed the model's context"):
+        engine.reset(1, CONFIG["max_position_embeddings"] + 1)
+    engine.reset(1, 16)
+    with pytest.raises(GenerationError, match="does not fit"):
+        engine.prefill_row(0, torch.arange(engine.cache.max_length))
+    with pytest.raises(GenerationError, match="built on this model"):
+        generate(tiny, torch.tensor([[1, 2]]), engine=engine)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tiny, batch, monkeypatch):
+    def broken(*args, **kwargs):
+        def fn(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken)
+    ids, mask = batch
+    engine = DecodeEngine(copy.deepcopy(tiny), compile=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile is unavailable"):
+        out = generate(engine.model, ids, mask, max_new_tokens=5, engine=engine)
+    assert not engine.compiled
+    torch.testing.assert_close(out, generate(tiny, ids, mask, max_new_tokens=5))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_compiled_step_gives_identical_greedy_tokens(tiny, batch):
+    ids, mask = batch
+    eager = DecodeEngine(copy.deepcopy(tiny))
+    compiled = DecodeEngine(copy.deepcopy(tiny), compile=True)
+    expected = generate(eager.model, ids, mask, max_new_tokens=12, engine=eager)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = generate(compiled.model, ids, mask, max_new_tokens=12, engine=compiled)
+    if not compiled.compiled:
+        pytest.skip(f"torch.compile unavailable here: {[str(w.message) for w in caught]}")
+    torch.testing.assert_close(out, expected)
+    # Same shapes again: the compiled step is reused, and still exact.
+    torch.testing.assert_close(generate(compiled.model, ids, mask, max_new_tokens=12, engine=compiled), expected)

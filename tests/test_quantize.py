@@ -1,0 +1,259 @@
+"""Weight-only quantization: layer accuracy, kernel vs fallback, checkpoints, GGUF blocks taken over exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from laformer import ConfigError, LaFormerConfig, LaFormerForCausalLM, LaFormerForSequenceClassification
+from laformer.quantization import (
+    WeightOnlyInt4Linear,
+    WeightOnlyInt8Linear,
+    is_quantized,
+    kernels,
+    quantize_model,
+)
+from laformer.quantization.linear import pack_int4, unpack_int4
+
+TEXT = (
+    "The history of the city begins in the Roman period, when a small settlement grew up at a crossing of the "
+    "river. Over the following centuries it became a market town, and by the middle ages it was one of the "
+    "largest ports of the region. Its cathedral, begun in the twelfth century, took almost two hundred years to "
+    "complete, and the old town around it still follows the street plan of that time."
+)
+
+
+def tiny_config(**overrides) -> LaFormerConfig:
+    values = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64)
+    values.update(overrides)
+    return LaFormerConfig(**values)
+
+
+def random_linear(in_features: int = 128, out_features: int = 96, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=False)
+    nn.init.normal_(linear.weight, std=0.05)
+    return linear
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize(
+    "make, tolerance",
+    [
+        (lambda l: WeightOnlyInt8Linear.from_float(l), 0.01),
+        (lambda l: WeightOnlyInt8Linear.from_float(l, 32), 0.01),
+        (lambda l: WeightOnlyInt4Linear.from_float(l, 32), 0.10),
+        (lambda l: WeightOnlyInt4Linear.from_float(l, 64), 0.12),
+    ],
+    ids=["int8-channel", "int8-g32", "int4-g32", "int4-g64"],
+)
+@pytest.mark.parametrize("rows", [1, 3, 40])  # kernel (<= 16 rows) and dequantize + matmul
+def test_quantized_linear_close_to_float(make, tolerance, rows):
+    linear = random_linear()
+    quantized = make(linear)
+    x = torch.randn(2, rows, 128)
+    with torch.no_grad():
+        y, reference = quantized(x), linear(x)
+        exact = F.linear(x, quantized.dequantize())
+    assert y.shape == reference.shape
+    assert relative_error(y, reference) < tolerance
+    torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5)  # kernel == its own dequantized weights
+
+
+def test_kernel_matches_fallback(monkeypatch):
+    linear = random_linear(256, 80)
+    layers = [WeightOnlyInt8Linear.from_float(linear), WeightOnlyInt4Linear.from_float(linear, 64)]
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        fast = [layer(x) for layer in layers]
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        slow = [layer(x) for layer in layers]
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_is_built_on_x86():
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("no AVX2: the fallback is used")
+    assert kernels.available()
+
+
+def test_int4_pack_roundtrip_and_ggml_order():
+    q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (3, 32)
+    assert torch.equal(unpack_int4(packed), q)
+    assert torch.equal(packed[:, 0] & 0x0F, q[:, 0]) and torch.equal(packed[:, 0] >> 4, q[:, 16])
+
+
+def test_gradients_reach_inputs_for_qlora():
+    from laformer.peft.lora import LoRALinear
+
+    base = WeightOnlyInt4Linear.from_float(random_linear(), 32)
+    lora = LoRALinear(base, r=4, alpha=8)
+    nn.init.normal_(lora.lora_B.weight)
+    x = torch.randn(3, 128, requires_grad=True)
+    lora(x).square().sum().backward()
+    assert x.grad is not None and lora.lora_A.weight.grad is not None and lora.lora_B.weight.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in base.parameters())
+
+
+def test_quantize_model_swaps_all_linears_and_keeps_embedding_float():
+    model = LaFormerForCausalLM.from_config(tiny_config(), seed=0).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    reference = model(ids).logits
+    quantized = quantize_model(copy.deepcopy(model), "int4", 32)
+    assert not any(type(m) is nn.Linear for m in quantized.modules())
+    assert isinstance(quantized.model.layers[0].mlp.down_proj, WeightOnlyInt4Linear)
+    assert isinstance(quantized.lm_head, WeightOnlyInt8Linear)  # the head defaults to int8
+    assert quantized.model.embed_tokens.weight.dtype == torch.float32
+    assert relative_error(quantized(ids).logits, reference) < 0.1
+    float_head = quantize_model(copy.deepcopy(model), "int8", head_mode=None)
+    assert type(float_head.lm_head) is nn.Linear
+
+
+def test_classifier_head_stays_float():
+    model = LaFormerForSequenceClassification.from_config(tiny_config(id2label={0: "a", 1: "b"}), seed=0)
+    quantize_model(model, "int8")
+    assert type(model.score) is nn.Linear and is_quantized(model)
+
+
+@pytest.mark.parametrize("mode, group_size", [("int8", None), ("int8", 32), ("int4", 32), ("int4", 64)])
+def test_save_load_roundtrip_is_identical(tmp_path, mode, group_size):
+    model = quantize_model(LaFormerForCausalLM.from_config(tiny_config(), seed=1).eval(), mode, group_size)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["mode"] == mode
+    assert config["laformer"]["quantization_config"]["quant_method"] == "laformer"
+    loaded = LaFormerForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 128, (2, 9))
+    assert type(loaded.model.layers[1].self_attn.k_proj) is type(model.model.layers[1].self_attn.k_proj)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert torch.equal(loaded(ids[:1, :1]).logits, model(ids[:1, :1]).logits)  # kernel path too
+
+
+def test_bfloat16_load_keeps_scales_float32(tmp_path):
+    quantize_model(LaFormerForCausalLM.from_config(tiny_config(), seed=2), "int4", 32).save_pretrained(tmp_path)
+    loaded = LaFormerForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert layer.scales.dtype == torch.float32 and layer.mins.dtype == torch.float32
+    assert loaded(torch.randint(0, 128, (1, 5))).logits.dtype == torch.bfloat16
+
+
+def test_from_pretrained_quantize_argument(tmp_path):
+    model = LaFormerForCausalLM.from_config(tiny_config(), seed=3).eval()
+    model.save_pretrained(tmp_path / "float")
+    loaded = LaFormerForCausalLM.from_pretrained(tmp_path / "float", quantize="int4", group_size=32)
+    expected = quantize_model(copy.deepcopy(model), "int4", 32)
+    ids = torch.randint(0, 128, (1, 7))
+    assert torch.equal(loaded(ids).logits, expected(ids).logits)
+    loaded.save_pretrained(tmp_path / "q")
+    with pytest.raises(ConfigError, match="already quantized"):
+        LaFormerForCausalLM.from_pretrained(tmp_path / "q", quantize="int8")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="int3"), "not supported"),
+        (dict(mode="int4", group_size=48), "multiple of 32"),
+        (dict(mode="int4", group_size=128 + 64), "divides in_features"),  # 192 does not divide 64 or 128
+        (dict(mode="int8", group_size=0), "group_size"),
+        (dict(mode="int8", head_mode="fp8"), "not supported"),
+    ],
+)
+def test_bad_arguments_raise_config_error(kwargs, message):
+    model = LaFormerForCausalLM.from_config(tiny_config(), seed=0)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=message):
+        quantize_model(model, **kwargs)
+    assert not is_quantized(model)  # validated before anything was swapped
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_mode_in_from_pretrained(tmp_path):
+    LaFormerForCausalLM.from_config(tiny_config(), seed=0).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="int3"):
+        LaFormerForCausalLM.from_pretrained(tmp_path, quantize="int3")
+
+
+@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_0", "Q4_1"])
+def test_ggml_blocks_dequantize_exactly_like_gguf(tmp_path, qtype_name):
+    """A tiny GGUF written with gguf.GGUFWriter: our layer's weight equals gguf's own dequantization bit for bit."""
+    gguf = pytest.importorskip("gguf")
+    from laformer.quantization.gguf import linear_from_ggml
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    weight = np.random.default_rng(0).normal(0, 0.05, (48, 96)).astype(np.float32)
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor = gguf.GGUFReader(str(path)).tensors[0]
+    layer = linear_from_ggml(np.asarray(tensor.data), qtype, (48, 96))
+    expected = torch.from_numpy(gguf.quants.dequantize(np.asarray(tensor.data), qtype).astype(np.float32))
+    assert isinstance(layer, WeightOnlyInt8Linear if qtype_name == "Q8_0" else WeightOnlyInt4Linear)
+    assert torch.equal(layer.dequantize(), expected.reshape(48, 96))
+    x = torch.randn(2, 96)
+    torch.testing.assert_close(layer(x), x @ expected.reshape(48, 96).T, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_quantize_writes_a_loadable_checkpoint(tmp_path, capsys):
+    from laformer.cli import main
+
+    model = LaFormerForCausalLM.from_config(tiny_config(), seed=4).eval()
+    model.save_pretrained(tmp_path / "float")
+    assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "q"), "--mode", "int4", "--group-size", "32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded = LaFormerForCausalLM.from_pretrained(tmp_path / "q")
+    ids = torch.randint(0, 128, (1, 6))
+    assert torch.equal(loaded(ids).logits, quantize_model(model, "int4", 32)(ids).logits)
+    assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "q")]) == 1  # OUT_DIR not empty
+
+
+# ------------------------------------------------------------------------------------------- the default model
+
+
+@pytest.fixture(scope="module")
+def eval_ids(default_tokenizer):
+    return torch.tensor(default_tokenizer.encode(TEXT))
+
+
+@pytest.fixture(scope="module")
+def fp32_perplexity(default_model, eval_ids):
+    from laformer.prune import perplexity
+
+    return perplexity(default_model, eval_ids)
+
+
+def test_default_model_int8_perplexity_within_one_percent(default_model, eval_ids, fp32_perplexity):
+    from laformer.prune import perplexity
+
+    quantized = quantize_model(copy.deepcopy(default_model), "int8")
+    assert perplexity(quantized, eval_ids) < 1.01 * fp32_perplexity
+
+
+def test_default_model_int4_takes_gguf_blocks_exactly(default_model, default_gguf_path, eval_ids, fp32_perplexity):
+    from laformer.formats.gguf import read_gguf_tensors
+    from laformer.prune import perplexity
+
+    raw = read_gguf_tensors(default_gguf_path)
+    quantized = quantize_model(copy.deepcopy(default_model), "int4", gguf_tensors=raw)
+    q_proj = quantized.model.layers[3].self_attn.q_proj  # rows un-permuted at the GGUF boundary, blocks intact
+    assert isinstance(q_proj, WeightOnlyInt4Linear) and q_proj.group_size == 32
+    assert torch.equal(q_proj.dequantize(), default_model.model.layers[3].self_attn.q_proj.weight)
+    assert torch.equal(quantized.lm_head.dequantize(), default_model.model.embed_tokens.weight)  # Q8_0, tied
+    assert perplexity(quantized, eval_ids) < 1.05 * fp32_perplexity
