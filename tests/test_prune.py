@@ -50,7 +50,8 @@ def test_magnitude_prune_global_threshold():
 
 def test_prune_ffn_shrinks_and_reloads(tmp_path):
     model = tiny_model()
-    sizes = prune_ffn(model, 0.25)
+    assert prune_ffn(copy.deepcopy(model), 0.25) == [64, 64]  # rounded to a multiple of 32: stays quantizable
+    sizes = prune_ffn(model, 0.25, multiple_of=1)
     assert sizes == [72, 72]
     mlp = model.model.layers[1].mlp
     assert mlp.gate_proj.weight.shape == (72, 64) and mlp.down_proj.weight.shape == (64, 72)
@@ -67,7 +68,7 @@ def test_prune_ffn_keeps_the_important_channels():
         model.model.layers[0].mlp.down_proj.weight[:, 5] *= 100  # channel 5 dominates the output
         model.model.layers[0].mlp.down_proj.weight[:, 7] = 0  # channel 7 contributes nothing
     original = copy.deepcopy(model.model.layers[0].mlp)
-    prune_ffn(model, 0.5)
+    prune_ffn(model, 0.5, multiple_of=1)
     kept = model.model.layers[0].mlp.down_proj.weight
     columns = [c for c in range(96) if any(torch.equal(kept[:, j], original.down_proj.weight[:, c]) for j in range(48))]
     assert 5 in columns and 7 not in columns
@@ -151,6 +152,6 @@ def test_cli_prune(tmp_path, capsys):
     assert main(["prune", str(tmp_path / "float"), str(tmp_path / "out"), "--method", "ffn", "--sparsity", "0.5"]) == 0
     assert "ffn pruning" in capsys.readouterr().out
     loaded = LaFormerForCausalLM.from_pretrained(tmp_path / "out")
-    assert loaded.model.layers[0].mlp.gate_proj.out_features == 48
+    assert loaded.model.layers[0].mlp.gate_proj.out_features == 64
     assert main(["prune", str(tmp_path / "float"), str(tmp_path / "o2"), "--sparsity", "1.0"]) == 1
     assert main(["prune", str(tmp_path / "float"), str(tmp_path / "o3"), "--method", "heads", "--calibrate"]) == 1

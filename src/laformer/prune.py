@@ -137,11 +137,14 @@ def _check_float_layers(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def prune_ffn(model: nn.Module, fraction: float, input_ids: torch.Tensor | None = None) -> list[int]:
+def prune_ffn(
+    model: nn.Module, fraction: float, input_ids: torch.Tensor | None = None, multiple_of: int = 32
+) -> list[int]:
     """Remove ``fraction`` of each layer's SwiGLU channels, the least important first; returns the new sizes.
 
     A channel's importance is ``|down[:, i]|`` times its activation: the mean ``|silu(gate) * up|`` over
-    ``input_ids`` when given, else the weight norms ``|gate[i]| * |up[i]|``.
+    ``input_ids`` when given, else the weight norms ``|gate[i]| * |up[i]|``. The kept count is rounded to a
+    multiple of ``multiple_of`` so that the pruned model can still be quantized (int4 groups are 32 wide).
     """
     _check_fraction(fraction, "FFN pruning fraction")
     _check_float_layers(model)
@@ -152,6 +155,8 @@ def prune_ffn(model: nn.Module, fraction: float, input_ids: torch.Tensor | None 
         mlp = layer.mlp
         size = mlp.gate_proj.out_features
         keep_count = max(1, size - int(round(fraction * size)))
+        if multiple_of > 1 and size >= multiple_of:
+            keep_count = min(size, max(multiple_of, round(keep_count / multiple_of) * multiple_of))
         if activity is not None:
             act = activity[str(i)]
         else:

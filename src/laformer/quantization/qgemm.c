@@ -37,8 +37,8 @@ static inline void widen_q4(const uint8_t *p, __m256 w[4]) {
 }
 
 /* One output column n for R consecutive rows of x: each weight chunk is widened once and used R times.
-   Four accumulators per row keep the FMA chains independent. */
-#define DEFINE_COLUMN(NAME, BITS, R)                                                                           \
+   A (4 or 2) accumulators per row keep the FMA chains independent within the 16 vector registers. */
+#define DEFINE_COLUMN(NAME, BITS, R, A)                                                                        \
     static void NAME(const float *x, const void *w, const float *scales, const float *mins, const float *xsum, \
                      float *y, int64_t m0, int64_t n, int64_t N, int64_t K, int64_t G) {                       \
         const int64_t groups = K / G;                                                                          \
@@ -46,9 +46,9 @@ static inline void widen_q4(const uint8_t *p, __m256 w[4]) {
         float offset[R];                                                                                       \
         for (int r = 0; r < R; r++) { out[r] = _mm256_setzero_ps(); offset[r] = 0.f; }                       \
         for (int64_t g = 0; g < groups; g++) {                                                                 \
-            __m256 acc[R][4];                                                                                  \
+            __m256 acc[R][A];                                                                                  \
             for (int r = 0; r < R; r++)                                                                        \
-                for (int j = 0; j < 4; j++) acc[r][j] = _mm256_setzero_ps();                                   \
+                for (int j = 0; j < A; j++) acc[r][j] = _mm256_setzero_ps();                                   \
             for (int64_t k = g * G; k < (g + 1) * G; k += 32) {                                                \
                 __m256 v[4];                                                                                   \
                 if (BITS == 8) widen_q8((const int8_t *)w + n * K + k, v);                                     \
@@ -56,12 +56,13 @@ static inline void widen_q4(const uint8_t *p, __m256 w[4]) {
                 for (int r = 0; r < R; r++) {                                                                  \
                     const float *xr = x + (m0 + r) * K + k;                                                    \
                     for (int j = 0; j < 4; j++)                                                                \
-                        acc[r][j] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xr + 8 * j), acc[r][j]);            \
+                        acc[r][j % A] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xr + 8 * j), acc[r][j % A]);    \
                 }                                                                                              \
             }                                                                                                  \
             const __m256 s = _mm256_set1_ps(scales[n * groups + g]);                                           \
             for (int r = 0; r < R; r++) {                                                                      \
-                __m256 t = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])); \
+                __m256 t = acc[r][0];                                                                          \
+                for (int j = 1; j < A; j++) t = _mm256_add_ps(t, acc[r][j]);                                   \
                 out[r] = _mm256_fmadd_ps(s, t, out[r]);                                                        \
                 if (mins) offset[r] += mins[n * groups + g] * xsum[(m0 + r) * groups + g];                     \
             }                                                                                                  \
@@ -69,10 +70,10 @@ static inline void widen_q4(const uint8_t *p, __m256 w[4]) {
         for (int r = 0; r < R; r++) y[(m0 + r) * N + n] = hsum(out[r]) + offset[r];                            \
     }
 
-DEFINE_COLUMN(column_q8_1, 8, 1)
-DEFINE_COLUMN(column_q8_2, 8, 2)
-DEFINE_COLUMN(column_q4_1, 4, 1)
-DEFINE_COLUMN(column_q4_2, 4, 2)
+DEFINE_COLUMN(column_q8_1, 8, 1, 4)
+DEFINE_COLUMN(column_q8_4, 8, 4, 2)
+DEFINE_COLUMN(column_q4_1, 4, 1, 4)
+DEFINE_COLUMN(column_q4_4, 4, 4, 2)
 
 void laformer_qgemm(int bits, const float *x, const void *w, const float *scales, const float *mins, float *y,
                     int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
@@ -89,11 +90,11 @@ void laformer_qgemm(int bits, const float *x, const void *w, const float *scales
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         int64_t m = 0;
-        for (; m + 2 <= M; m += 2) {
-            if (bits == 8) column_q8_2(x, w, scales, mins, xsum, y, m, n, N, K, G);
-            else column_q4_2(x, w, scales, mins, xsum, y, m, n, N, K, G);
+        for (; m + 4 <= M; m += 4) {
+            if (bits == 8) column_q8_4(x, w, scales, mins, xsum, y, m, n, N, K, G);
+            else column_q4_4(x, w, scales, mins, xsum, y, m, n, N, K, G);
         }
-        if (m < M) {
+        for (; m < M; m++) {
             if (bits == 8) column_q8_1(x, w, scales, mins, xsum, y, m, n, N, K, G);
             else column_q4_1(x, w, scales, mins, xsum, y, m, n, N, K, G);
         }
