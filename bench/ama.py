@@ -82,8 +82,9 @@ def same_as_full(method: str, context: int) -> bool:
 @torch.no_grad()
 def decode_speed(model, context: int, methods: list[str], steps: int) -> dict[str, dict[str, float]]:
     cfg = model.config
-    cache = SlicedKVCache(cfg.num_hidden_layers, SLICE, capacity=context + steps + 4)
+    cache = SlicedKVCache(cfg.num_hidden_layers, SLICE, capacity=context)
     g = torch.Generator().manual_seed(0)
+    context -= steps + 2  # the timed steps end at the context length
     for layer in range(cfg.num_hidden_layers):
         shape = (1, cfg.num_key_value_heads, context, cfg.head_dim)
         cache.update(layer, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
@@ -101,6 +102,28 @@ def decode_speed(model, context: int, methods: list[str], steps: int) -> dict[st
         total = time.perf_counter() - start
         results[method] = {"decode_ms": 1000 * total / steps, "attn_ms": 1000 * timed.seconds / steps}
     model.decoder.set_attention(None)
+    return results
+
+
+@torch.no_grad()
+def kernel_speed(model, context: int, methods: list[str], repeats: int = 20) -> dict[str, float]:
+    """Milliseconds of one layer's decode attention alone on random tensors of the model's shapes; unlike the
+    model, the kernel runs past the trained context, which shows how the gap grows."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, cfg.num_attention_heads, 1, cfg.head_dim, generator=g)
+    cache = SlicedKVCache(1, SLICE)
+    shape = (1, cfg.num_key_value_heads, context, cfg.head_dim)
+    k, v = cache.update(0, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    results = {}
+    for method in methods:
+        config = METHODS[method]
+        backend = sdpa_attention if config is None else config.build_backend(model.decoder)
+        backend(q, k, v, None, layer_idx=0, cache=cache)  # warm-up, summaries
+        start = time.perf_counter()
+        for _ in range(repeats):
+            backend(q, k, v, None, layer_idx=0, cache=cache)
+        results[method] = 1000 * (time.perf_counter() - start) / repeats
     return results
 
 
@@ -175,10 +198,11 @@ def passkey(model, tokenizer, context: int, methods: list[str], trials: int, sha
     for trial in range(trials):
         depth = trial / max(1, trials - 1)
         key = str(rng.randint(10000, 99999))
-        prompt, question = passkey_prompt(tokenizer, context, depth, key)
+        prompt, question = passkey_prompt(tokenizer, context - 8, depth, key)  # room for the answer
         cache, start = None, 0
         if shared:
-            cache, start = SlicedKVCache(model.config.num_hidden_layers, SLICE, capacity=context + 16), len(prompt) - question
+            cache = SlicedKVCache(model.config.num_hidden_layers, SLICE, capacity=context + 16)
+            start = len(prompt) - question
             use(model, "full")
             model(torch.tensor([prompt[:start]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
         for method in methods:
@@ -197,7 +221,7 @@ def heatmap(model, tokenizer, context: int, path: Path) -> None:
     from laformer.ama.viz import selection_heatmap
 
     config = AMAConfig(slice_len=SLICE, budget=1024, return_selection=True)
-    prompt, question = passkey_prompt(tokenizer, context, 0.3, "52817")
+    prompt, question = passkey_prompt(tokenizer, context - 16, 0.3, "52817")
     cache = SlicedKVCache(model.config.num_hidden_layers, SLICE)
     model.decoder.set_attention(None)
     with torch.no_grad():
@@ -214,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", default="1024,2048,4096,8192", help="contexts for decode/prefill timing")
     parser.add_argument("--quality-contexts", default=None, help="contexts for perplexity and passkey "
                         "(default: --contexts)")
+    parser.add_argument("--kernel-contexts", default="8192,16384,32768",
+                        help="contexts for the attention-kernel-alone timing ('none' to skip)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     parser.add_argument("--trials", type=int, default=20, help="passkey trials per context (depths 0..100%%)")
     parser.add_argument("--ppl-windows", type=int, default=6, help="perplexity windows per context")
@@ -230,8 +256,8 @@ def main(argv: list[str] | None = None) -> None:
         args.trials, args.ppl_windows, args.decode_tokens = 5, 2, 8
     if args.threads:
         torch.set_num_threads(args.threads)
-    contexts = [int(c) for c in args.contexts.split(",")]
-    quality = [int(c) for c in (args.quality_contexts or args.contexts).split(",") if c]
+    contexts = [int(c) for c in args.contexts.split(",") if c.isdigit()]
+    quality = [int(c) for c in (args.quality_contexts or args.contexts).split(",") if c.isdigit()]  # "none": skip
     methods = args.methods.split(",")
     if methods[0] != "full":
         methods = ["full"] + [m for m in methods if m != "full"]
@@ -261,11 +287,22 @@ def main(argv: list[str] | None = None) -> None:
             for method in methods:
                 rows[(context, method)]["passkey"] = scores["full" if same_as_full(method, context) else method]
             print(f"[{context}] passkey {scores}", file=sys.stderr)
+    kernels = {}
+    for context in [int(c) for c in args.kernel_contexts.split(",") if c.isdigit()]:
+        kernels[context] = kernel_speed(model, context, methods)
     if args.heatmap:
         heatmap(model, tokenizer, max(quality or contexts), args.heatmap)
     print_table(rows, methods)
+    if kernels:
+        print("\nDecode attention of one layer alone, ms (x full):\n")
+        print("| context | " + " | ".join(methods) + " |")
+        print("|---:|" + "---:|" * len(methods))
+        for context, r in kernels.items():
+            print(f"| {context} | " + " | ".join(f"{r[m]:.2f} ({r['full'] / r[m]:.1f}x)" for m in methods) + " |")
     if args.json:
-        args.json.write_text(json.dumps({f"{c}/{m}": r for (c, m), r in rows.items()}, indent=1))
+        results = {f"{c}/{m}": r for (c, m), r in rows.items()}
+        results.update({f"kernel/{c}/{m}": ms for c, r in kernels.items() for m, ms in r.items()})
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 def print_table(rows: dict[tuple[int, str], dict[str, float]], methods: list[str]) -> None:

@@ -62,10 +62,11 @@ def main() -> None:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     hf_tokenizer.padding_side = "left"
+    hf_model.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                            tokenize=False) for p in PROMPTS]
     n = args.new_tokens
-    hf_options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    hf_options = dict(max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
     rows = []
     for batch_size in (1, 4):

@@ -317,7 +317,7 @@ def main() -> None:
     print()
     for mode, r in results.items():
         if r.get("warmup"):
-            note = "" if r.get("compiled", True) else " (compilation unavailable: ran eagerly)"
+            note = " (compilation unavailable: ran eagerly)" if r.get("compiled") is False and "compiled" in mode else ""
             print(f"{mode}: warm-up {r['warmup']:.1f} s{note}")
     eager, compiled = results.get("laformer-fp32"), results.get("laformer-fp32-compiled")
     if eager and compiled:

@@ -104,7 +104,7 @@ def kernel_table(copies_bytes: int = 96 << 20) -> None:
 def decode_tokens_per_s(model, tokens: int) -> float:
     from laformer.inference.engine import DecodeEngine
 
-    engine = DecodeEngine(model, fuse=False)
+    engine = DecodeEngine(copy.deepcopy(model))  # fuses q/k/v and gate/up (float or quantized) in its copy
     prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253]])
     logits = engine.prefill(prompt, max_new_tokens=tokens + 1)
     token = logits.argmax(-1)

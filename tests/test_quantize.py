@@ -57,7 +57,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     ],
     ids=["int8-channel", "int8-g32", "int4-g32", "int4-g64"],
 )
-@pytest.mark.parametrize("rows", [1, 3, 40])  # kernel (<= 16 rows) and dequantize + matmul
+@pytest.mark.parametrize("rows", [1, 3, 5, 40])  # kernel (<= 8 rows: blocks of 4 and single rows) and matmul
 def test_quantized_linear_close_to_float(make, tolerance, rows):
     linear = random_linear()
     quantized = make(linear)
@@ -106,6 +106,30 @@ def test_gradients_reach_inputs_for_qlora():
     lora(x).square().sum().backward()
     assert x.grad is not None and lora.lora_A.weight.grad is not None and lora.lora_B.weight.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_qlora_training_on_quantized_base(mode):
+    from laformer.peft import LoraConfig, get_peft_model
+
+    model = quantize_model(LaFormerForCausalLM.from_config(tiny_config(), seed=5), mode, 32)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    state = model.state_dict()
+    for key, value in frozen.items():  # the quantized weights never moved
+        if key.endswith(("qweight", "scales", "mins")):
+            wrapped = key.replace("_proj.", "_proj.base_layer.").replace("lm_head.", "lm_head.base_layer.")
+            assert torch.equal(state.get(key, state.get(wrapped)), value)
 
 
 def test_quantize_model_swaps_all_linears_and_keeps_embedding_float():

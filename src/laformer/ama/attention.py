@@ -22,7 +22,7 @@ context x budget rather than context^2.
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -118,32 +118,44 @@ class AMAAttention:
         """Choose slices for Q query blocks, block ``i`` holding the queries of slice ``first + i``.
 
         ``qrows`` (B, H_kv, Q, R, D) are the blocks' queries, one row per (group head, position), zero rows
-        being block padding; ``positions`` the real queries per block (a number or (Q, 1)).
-        Scores are summed over the group's heads and averaged over positions. Returns the candidate
-        probabilities (B, H_kv, Q, F) (None unless recorded or sampled), the chosen slice indices and whether
-        each is real (B, H_kv, Q, n_pick), and the candidate mask (B, 1, Q, F) over the F summarised slices.
+        being block padding; ``positions`` the real queries per block (a number or (Q, 1)). Scores are summed
+        over the group's heads and averaged over positions. Returns the candidate probabilities (B, H_kv, Q, F)
+        (None unless recorded, sampled or gated), the chosen slice indices and whether each is real
+        (B, H_kv, Q, n_pick), and the pseudo-token bias base (B, 1, Q, n_cols): log(count) on candidates.
         """
         cfg, s = self.config, summaries
         Fs, dtype = s.num_slices, qrows.dtype
-        forced, choosable = self._layout(first, qrows.shape[2], n_cols, Fs, qrows.device)
-        if cfg.score == "bound":  # sum_d max(q_d kmin_d, q_d kmax_d) = [q+, q-] . [kmax, kmin]
-            q_agg = torch.cat([qrows.clamp_min(0), qrows.clamp_max(0)], -1).sum(3)  # (B, H_kv, Q, 2D)
-            slice_keys = s.bound_keys
+        cand_bias, prio_bias, pseudo_base = self._masks(s, first, qrows.shape[2], n_cols, qrows.device)
+        if cfg.score == "bound":  # sum_d max(q_d kmin_d, q_d kmax_d) = q . center + |q| . radius
+            q_agg = torch.cat([qrows, qrows.abs()], -1).sum(3)  # (B, H_kv, Q, 2D)
         else:
-            q_agg, slice_keys = qrows.sum(3), s.kmean
+            q_agg = qrows.sum(3)
         if not isinstance(positions, (int, float)) or positions != 1:
             q_agg = q_agg / positions
-        scores = q_agg @ slice_keys.to(dtype).transpose(-1, -2)  # (B, H_kv, Q, F)
-        cand = choosable & (s.count[:, :, None, :] > 0)  # (B, 1, Q, F)
-        logits = (scores / math.sqrt(qrows.shape[-1])).masked_fill(~cand, NEG_INF)
+        logits = q_agg @ s.score_keys(cfg.score, qrows.shape[-1], dtype)  # (B, H_kv, Q, F): score / sqrt(d)
         probs = None
         if self.recorder is not None or cfg.sampling == "gumbel" or self.gates is not None:
-            probs = logits.softmax(-1).nan_to_num(0.0)  # a block with no candidate has all-zero probabilities
+            # Over candidates only; a block with none gets zeros. Selection is discrete: no gradient here.
+            probs = (logits.detach() + cand_bias[..., :Fs]).softmax(-1).nan_to_num(0.0)
         if cfg.sampling == "gumbel":
             logits = logits - torch.empty_like(logits).exponential_().log()
-        priority = F.pad(logits, (0, n_cols - Fs), value=NEG_INF).masked_fill(forced, float("inf"))
+        priority = F.pad(logits, (0, n_cols - Fs)) + prio_bias  # +inf: sinks and window, -inf: not choosable
         top = priority.topk(min(n_pick, n_cols), dim=-1)
-        return probs, top.indices, top.values > NEG_INF, cand
+        return probs, top.indices, top.values > NEG_INF, pseudo_base
+
+    def _masks(self, s: SliceSummaries, first: int, blocks: int, n_cols: int, device) -> tuple[torch.Tensor, ...]:
+        """Per-layer masks that only change when a slice fills, each (B, 1, Q, n_cols): the candidate bias (0 or
+        -inf), the selection priority bias (+inf for kept slices, 0 for candidates, -inf otherwise), and the
+        pseudo-token bias base, log(count) on candidates and -inf elsewhere."""
+        key = (first, blocks, n_cols)
+        if s.cache.get("masks_key") != key:
+            forced, choosable = self._layout(first, blocks, n_cols, s.num_slices, device)
+            cand = F.pad(choosable & (s.count[:, :, None, :] > 0), (0, n_cols - s.num_slices))  # (B, 1, Q, n_cols)
+            cand_bias = torch.zeros(cand.shape, device=device).masked_fill_(~cand, NEG_INF)
+            log_count = F.pad(s.log_count, (0, n_cols - s.num_slices))[:, :, None]
+            masks = (cand_bias, cand_bias.masked_fill(forced, float("inf")), log_count.masked_fill(~cand, NEG_INF))
+            s.cache.update(masks_key=key, masks=masks)
+        return s.cache["masks"]
 
     def _record(self, layer: int, key_len: int, probs, idx, ok, n_cols: int) -> None:
         chosen = torch.zeros(*idx.shape[:-1], n_cols, dtype=torch.bool, device=idx.device).scatter_(-1, idx, ok)
@@ -159,34 +171,33 @@ class AMAAttention:
         tail = slice(Fs * L, S)  # the partial last slice, always attended
         partial = int(S > Fs * L)
         qrows = q.view(B, Hkv, 1, G, D)  # (B, H_kv, Q=1, R=G, D)
-        probs, idx, ok, cand = self._plan(qrows, 1.0, summaries, (S - 1) // L, Fs, cfg.budget_slices - partial)
+        probs, idx, ok, pseudo_base = self._plan(qrows, 1.0, summaries, (S - 1) // L, Fs, cfg.budget_slices - partial)
         if self.recorder is not None:
             own_slice = idx.new_full((B, Hkv, 1, partial), (S - 1) // L)
             self._record(layer_idx, S, probs, torch.cat([idx, own_slice], -1),
                          torch.cat([ok, torch.ones_like(own_slice, dtype=torch.bool)], -1), Fs + partial)
         sel = idx[:, :, 0]  # (B, H_kv, n)
-        keys = [gather_slices(k, sel, L).flatten(2, 3), k[:, :, tail]]  # only the chosen slices are read
-        values = [gather_slices(v, sel, L).flatten(2, 3), v[:, :, tail]]
+        chosen_k, chosen_v = gather_slices((k, v), sel, L)  # only the chosen slices are read
+        keys, values = [chosen_k.flatten(2, 3), k[:, :, tail]], [chosen_v.flatten(2, 3), v[:, :, tail]]
+        n_exact = sel.shape[-1] * L + S - Fs * L
         bias = None
-        if valid is not None or not bool(ok.all()):
+        if valid is not None:  # without padding every chosen slice is real (ok is all True)
             allowed = ok[:, :, 0, :, None].expand(-1, -1, -1, L)  # (B, H_kv, n, L)
-            if valid is not None:
-                allowed = allowed & gather_slices(valid[:, None, :, None].expand(-1, Hkv, -1, -1), sel, L)[..., 0]
-            tail_ok = valid[:, None, tail] if valid is not None else ok.new_ones(1, 1, S - Fs * L)
-            allowed = torch.cat([allowed.flatten(2), tail_ok.expand(B, Hkv, -1)], -1)
+            allowed = allowed & gather_slices((valid[:, None, :, None].expand(-1, Hkv, -1, -1),), sel, L)[0][..., 0]
+            allowed = torch.cat([allowed.flatten(2), valid[:, None, tail].expand(B, Hkv, -1)], -1)
             bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, NEG_INF)
-            bias = bias[:, :, None]  # (B, H_kv, 1, n*L + t)
+            bias = bias[:, :, None]  # (B, H_kv, 1, n_exact)
         if cfg.mediation != "off":
-            picked = torch.zeros(B, Hkv, 1, Fs, dtype=torch.bool, device=q.device).scatter_(-1, idx, ok)
-            pseudo = self._pseudo_bias(cand & ~picked, probs, summaries, gate, S, q.dtype)[:, :, 0]  # (B,H_kv,1|G,F)
+            pseudo = self._pseudo_bias(pseudo_base, idx, probs, summaries, gate, S, q.dtype)[:, :, 0]  # (B,H_kv,1|G,F)
             if bias is None:
-                bias = torch.zeros(B, Hkv, 1, sum(x.shape[2] for x in keys), dtype=q.dtype, device=q.device)
-            rows = pseudo.shape[2]
-            bias = torch.cat([bias.expand(-1, -1, rows, -1), pseudo], -1)
-            keys.append(summaries.kmean)
+                bias = F.pad(pseudo, (n_exact, 0), value=0.0)
+            else:
+                bias = torch.cat([bias.expand(-1, -1, pseudo.shape[2], -1), pseudo], -1)
+            keys.append(summaries.kmean)  # float32, like every summary
             values.append(summaries.vmean)
-        keys = torch.cat([x.to(q.dtype) for x in keys], 2)
-        values = torch.cat([x.to(q.dtype) for x in values], 2)
+        if any(x.dtype != q.dtype for x in keys):
+            keys, values = [x.to(q.dtype) for x in keys], [x.to(q.dtype) for x in values]
+        keys, values = torch.cat(keys, 2), torch.cat(values, 2)
         out = F.scaled_dot_product_attention(q.view(B, Hkv, G, D), keys, values, attn_mask=bias)  # (B, H_kv, G, D)
         return out.view(B, H, 1, D)
 
@@ -207,13 +218,12 @@ class AMAAttention:
         own = torch.arange(c0, N, device=q.device)
         n_pick = min(cfg.budget_slices, N)
         positions = (torch.clamp(own * L + L, max=S) - torch.clamp(own * L, min=P0)).clamp_min(1)[:, None]
-        probs, idx, ok, cand = self._plan(qb, positions, summaries, c0, N, n_pick)
+        probs, idx, ok, pseudo_base = self._plan(qb, positions, summaries, c0, N, n_pick)
         if self.recorder is not None:
             self._record(layer_idx, S, probs, idx, ok, N)
         mediate = cfg.mediation != "off"
         if mediate:
-            picked = torch.zeros(B, Hkv, nb, N, dtype=torch.bool, device=q.device).scatter_(-1, idx, ok)[..., :Fs]
-            pseudo = self._pseudo_bias(cand & ~picked, probs, summaries, gate, S, q.dtype)  # (B, H_kv, nb, 1|G, F)
+            pseudo = self._pseudo_bias(pseudo_base, idx, probs, summaries, gate, S, q.dtype)  # (B,H_kv,nb,1|G,F)
         b = torch.arange(B, device=q.device)[:, None, None, None]
         h = torch.arange(Hkv, device=q.device)[None, :, None, None]
         offsets = torch.arange(L, device=q.device)
@@ -249,38 +259,57 @@ class AMAAttention:
 
     # ------------------------------------------------------------------ mediation
 
-    def _pseudo_bias(self, unselected, probs, summaries, gate, key_len, dtype) -> torch.Tensor:
-        """Logit bias (B, H_kv, Q, 1|G, F) of the pseudo-tokens: log(count) (+ log g), -inf where selected.
+    def _pseudo_bias(self, pseudo_base, idx, probs, summaries, gate, key_len, dtype) -> torch.Tensor:
+        """Logit bias (B, H_kv, Q, 1|G, F) of the pseudo-tokens: log(count) (+ log g) for unselected
+        candidates, -inf for the rest.
 
         Adding it to q . mean_key / sqrt(d) and taking one softmax with the exact tokens is the two-partition
         merge ``(e^lse_x out_x + g e^lse_m out_m) / (e^lse_x + g e^lse_m)``.
         """
-        s = summaries
-        bias = s.log_count.to(dtype)[:, :, None].masked_fill(~unselected, NEG_INF)[:, :, :, None]
+        B, Hkv = idx.shape[:2]
+        bias = pseudo_base.expand(B, Hkv, -1, -1).scatter(-1, idx, NEG_INF)
+        if bias.shape[-1] != summaries.num_slices:
+            bias = bias[..., : summaries.num_slices]
+        bias = (bias if bias.dtype == dtype else bias.to(dtype))[:, :, :, None]
         if gate is not None:
-            left_out = (s.count[:, :, None] * unselected).sum(-1) / key_len  # (B, H_kv, Q)
+            unselected = bias[:, :, :, 0] > NEG_INF
+            left_out = (summaries.count[:, :, None] * unselected).sum(-1) / key_len  # (B, H_kv, Q)
             left_mass = (probs * unselected).sum(-1)
-            bias = bias + gate(left_out, left_mass).to(dtype)[..., None]
+            log_gate = gate(left_out, left_mass).to(dtype)[..., None]  # (B, H_kv, Q, G, 1)
+            bias = bias + torch.where(unselected[:, :, :, None], log_gate, 0.0)  # no gradient through -inf
         return bias
 
 
-def gather_slices(x: torch.Tensor, sel: torch.Tensor, slice_len: int) -> torch.Tensor:
-    """Whole slices ``sel`` (B, H, n) of ``x`` (B, H, S, D) as (B, H, n, slice_len, D), copying only those.
+def gather_slices(xs: tuple[torch.Tensor, ...], sel: torch.Tensor, slice_len: int) -> list[torch.Tensor]:
+    """Whole slices ``sel`` (B, H, n) of each (B, H, S, D) tensor in ``xs``, as (B, H, n, slice_len, D),
+    copying only those.
 
     When the storage is laid out in whole slices (a ``SlicedKVCache``, or S a multiple of the slice length)
     this is a single ``index_select`` over a (blocks, slice_len * D) view; otherwise one per (batch, head).
     """
-    B, H, _, D = x.shape
+    B, H, S, D = xs[0].shape
     row = slice_len * D
     out_shape = (*sel.shape, slice_len, D)
-    if x.stride(3) == 1 and x.stride(2) == D and x.stride(1) % row == 0 and x.stride(0) % row == 0 \
-            and x.storage_offset() % row == 0:
-        first = (torch.arange(B, device=x.device)[:, None] * (x.stride(0) // row)
-                 + torch.arange(H, device=x.device) * (x.stride(1) // row))  # (B, H) block of each row's start
-        blocks = x.as_strided((int(first.max()) + x.shape[2] // slice_len, row), (row, 1), x.storage_offset())
-        return blocks.index_select(0, (sel + first[..., None]).flatten()).view(out_shape)
-    full = x[:, :, : x.shape[2] // slice_len * slice_len].unflatten(2, (-1, slice_len))
-    return torch.stack([full[b, h].index_select(0, sel[b, h]) for b in range(B) for h in range(H)]).view(out_shape)
+    strides = xs[0].stride()
+    if all(x.stride() == strides for x in xs) and strides[2:] == (D, 1) and strides[0] % row == 0 \
+            and strides[1] % row == 0 and all(x.storage_offset() % row == 0 for x in xs):
+        starts = _block_starts(B, H, strides[0] // row, strides[1] // row, sel.device)
+        rows = (sel + starts).flatten()
+        size = ((B - 1) * strides[0] + (H - 1) * strides[1]) // row + S // slice_len
+        return [x.as_strided((size, row), (row, 1), x.storage_offset()).index_select(0, rows).view(out_shape)
+                for x in xs]
+    outs = []
+    for x in xs:
+        full = x[:, :, : S // slice_len * slice_len].unflatten(2, (-1, slice_len))
+        outs.append(torch.stack([full[b, h].index_select(0, sel[b, h]) for b in range(B) for h in range(H)]))
+    return [out.view(out_shape) for out in outs]
+
+
+@functools.lru_cache(maxsize=16)
+def _block_starts(B: int, H: int, batch_stride: int, head_stride: int, device: torch.device) -> torch.Tensor:
+    """(B, H, 1) index of the first slice-sized block of every (batch, head) row in a flat block view."""
+    b = torch.arange(B, device=device)[:, None, None] * batch_stride
+    return b + torch.arange(H, device=device)[None, :, None] * head_stride
 
 
 def key_validity(mask: torch.Tensor | None, query_len: int) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ summaries of a slice are computed once, when it fills.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,19 +27,21 @@ class SliceSummaries:
     count: torch.Tensor  # (B, 1, N) float32, real (non-padding) tokens in the slice
     log_count: torch.Tensor  # (B, 1, N) the pseudo-token logit bias of mediation
 
-    @property
-    def bound_keys(self) -> torch.Tensor:
-        """(B, H, N, 2D) [kmax, kmin], so that [relu(q), min(q, 0)] . bound_keys bounds q.k in one product."""
-        if self._bound_keys is None or self._bound_keys.shape[2] != self.num_slices:
-            self._bound_keys = torch.cat([self.kmax, self.kmin], -1)
-        return self._bound_keys
+    def score_keys(self, score: str, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, H, D or 2D, N) keys of the slice scores, divided by sqrt(d). For ``bound``, [center, radius] of the
+        min/max box: q . center + |q| . radius = sum_d max(q_d kmin_d, q_d kmax_d), in one product."""
+        key = ("score", score, dtype)
+        if key not in self.cache:
+            keys = torch.cat([self.kmax + self.kmin, self.kmax - self.kmin], -1) / 2 if score == "bound" else self.kmean
+            self.cache[key] = (keys / math.sqrt(head_dim)).to(dtype).transpose(-1, -2).contiguous()
+        return self.cache[key]
 
     @property
     def num_slices(self) -> int:
         return self.kmin.shape[2]
 
     def __post_init__(self) -> None:
-        self._bound_keys: torch.Tensor | None = None
+        self.cache: dict[tuple, Any] = {}  # derived tensors, rebuilt whenever a slice is added
 
     def cat(self, other: SliceSummaries) -> SliceSummaries:
         return SliceSummaries(*(torch.cat([a, b], dim=2) for a, b in zip(self.fields(), other.fields())))

@@ -43,7 +43,8 @@ def selection_heatmap(
         raise ConfigError("the recorder holds no decode steps; generate with AMAConfig(return_selection=True) first")
     cols = min(6, len(layers))
     rows = -(-len(layers) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.4 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols + 1, 2.4 * rows), squeeze=False, sharey=True,
+                             layout="constrained")
     for ax in axes.flat[len(layers):]:
         ax.axis("off")
     for ax, layer in zip(axes.flat, layers):

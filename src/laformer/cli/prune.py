@@ -25,9 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="fraction to remove, in [0, 1): weights, FFN channels or head groups (default: 0.3)")
     parser.add_argument("--scope", choices=("layer", "global"), default="layer",
                         help="magnitude: one threshold per matrix or one for all (default: layer)")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="ffn/heads: rank by activations on the --eval-tokens that follow the evaluated "
-                             "ones in --eval-text, instead of by weight norms")
+    parser.add_argument("--importance", choices=("auto", "activations", "weights"), default="auto",
+                        help="ffn/heads ranking: mean activations on the --eval-tokens that follow the evaluated "
+                             "ones in --eval-text, or weight norms; auto uses activations when --eval-text is "
+                             "given (weight norms cost far more perplexity)")
     add_eval_options(parser)
     parser.add_argument("--overwrite", action="store_true", help="write into OUT_DIR even if it has files")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
@@ -41,12 +42,12 @@ def run(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out_dir, args.overwrite)
     model, tokenizer = load(args.model, args.threads)
     ids = eval_ids(args, tokenizer, count=2)
-    if args.calibrate and ids is None:
-        raise ConfigError("--calibrate needs --eval-text (the activations are measured on its second part)")
+    if args.importance == "activations" and ids is None:
+        raise ConfigError("--importance activations needs --eval-text (activations are measured on its second part)")
     calibration = None
     if ids is not None:  # evaluate on the first --eval-tokens, calibrate on the next ones (never the same text)
         ids, rest = ids[: args.eval_tokens], ids[args.eval_tokens:]
-        if args.calibrate:
+        if args.importance != "weights":
             calibration = (rest if rest.numel() > 1 else ids)[None]
     before = perplexity(model, ids) if ids is not None else None
     total = sum(p.numel() for p in model.parameters())

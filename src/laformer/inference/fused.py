@@ -91,12 +91,11 @@ class FusedAttention(_SplitStateDict, Attention):
 
     def forward(self, x, rope, mask, cache):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        H, Hkv = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(qkv[:, : H + Hkv], cos, sin).split([H, Hkv], dim=1)  # one rotation for q and k
+        v = qkv[:, H + Hkv:]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = self.backend(q, k, v, mask, layer_idx=self.layer_idx, cache=cache)  # (B, H, T, D)

@@ -17,7 +17,7 @@ from laformer.errors import ConfigError
 from laformer.quantization import kernels
 
 CHUNK = 32  # values per packed chunk; group sizes and the kernel's K are multiples of it
-KERNEL_MAX_ROWS = 16  # above this many rows, dequantize + float matmul measured faster (bench/quantize.py)
+KERNEL_MAX_ROWS = 8  # above this many rows, dequantize + float matmul measured faster (bench/quantize.py)
 
 
 def check_group_size(group_size: int, in_features: int, name: str = "linear", bits: int = 4) -> None:
