@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernel-contexts", default="8192,16384,32768",
                         help="contexts for the attention-kernel-alone timing ('none' to skip)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
-    parser.add_argument("--trials", type=int, default=20, help="passkey trials per context (depths 0..100%%)")
+    parser.add_argument("--trials", type=int, default=20, help="passkey trials per context, depths 0..100%% "
+                        "(0: skip passkey)")
     parser.add_argument("--ppl-windows", type=int, default=6, help="perplexity windows per context")
     parser.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per method")
     parser.add_argument("--passkey-prefill", choices=("shared", "method"), default="shared")
@@ -282,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 row["ppl"], row["prefill_s"] = perplexity(model, windows, method)
                 print(f"[{context}] {method} ppl {row['ppl']:.3f} prefill {row['prefill_s']:.1f}s", file=sys.stderr)
+            if not args.trials:
+                continue
             distinct = [m for m in methods if not same_as_full(m, context)]
             scores = passkey(model, tokenizer, context, distinct, args.trials, args.passkey_prefill == "shared")
             for method in methods:

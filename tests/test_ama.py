@@ -241,6 +241,18 @@ def test_sliced_cache_gives_the_same_generation(tiny_model):
     assert cache.get_seq_length() == 51
 
 
+def test_gather_slices_reads_the_same_blocks_from_any_layout():
+    from laformer.ama.attention import gather_slices
+
+    k = torch.randn(2, 3, 40, 4)
+    sel = torch.randint(0, 4, (2, 3, 2))
+    blocks = k[:, :, :32].unflatten(2, (4, 8))
+    expected = blocks[torch.arange(2)[:, None, None], torch.arange(3)[None, :, None], sel]
+    sliced, _ = SlicedKVCache(1, slice_len=8).update(0, k, k)
+    for x in (k, k[:, :, :37], sliced):  # whole-slice layout, per-row fallback, a sliced cache's view
+        torch.testing.assert_close(gather_slices((x,), sel, 8)[0], expected)
+
+
 def test_bfloat16_model_runs_sparse_and_stays_close():
     model = LaFormerForCausalLM.from_config(tiny_config(), seed=0).eval()
     ids = torch.randint(0, 97, (1, 100), generator=torch.Generator().manual_seed(5))

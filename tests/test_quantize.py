@@ -166,6 +166,14 @@ def test_save_load_roundtrip_is_identical(tmp_path, mode, group_size):
     assert torch.equal(loaded(ids[:1, :1]).logits, model(ids[:1, :1]).logits)  # kernel path too
 
 
+def test_quantized_causal_checkpoint_loads_as_classifier(tmp_path):
+    quantize_model(LaFormerForCausalLM.from_config(tiny_config(), seed=6), "int8").save_pretrained(tmp_path)
+    classifier = LaFormerForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    assert isinstance(classifier.model.layers[0].mlp.up_proj, WeightOnlyInt8Linear)
+    assert type(classifier.score) is nn.Linear
+    assert classifier(torch.randint(0, 128, (2, 5))).logits.shape == (2, 3)
+
+
 def test_bfloat16_load_keeps_scales_float32(tmp_path):
     quantize_model(LaFormerForCausalLM.from_config(tiny_config(), seed=2), "int4", 32).save_pretrained(tmp_path)
     loaded = LaFormerForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")

@@ -202,3 +202,18 @@ def test_peft_lora_training_and_hooks(tmp_path):
                                                                          target_modules=["q_proj", "v_proj"]))
     hooks = peft.peft_training_hooks(adalora)
     Trainer(adalora, args(tmp_path / "ada", max_steps=6), sentiment_dataset(16), hooks=hooks).train()
+
+
+def test_classifier_padding_tail_changes_nothing():
+    # The classifier drops all-padding columns; logits and gradients must equal those of unpadded rows.
+    model = tiny_classifier()
+    ids = torch.randint(2, 20, (3, 12))
+    mask = torch.zeros(3, 12, dtype=torch.long)
+    for row, length in enumerate((5, 3, 7)):
+        mask[row, :length] = 1
+    padded = model(ids, mask, labels=torch.tensor([0, 1, 0]))
+    alone = torch.cat([model(ids[i : i + 1, : int(mask[i].sum())]).logits for i in range(3)])
+    torch.testing.assert_close(padded.logits, alone)
+    torch.testing.assert_close(model(ids, mask, output_hidden_states=True).logits, padded.logits)
+    padded.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -286,6 +286,14 @@ class LaFormerForSequenceClassification(PreTrainedMixin, nn.Module):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> SequenceClassifierOutput:
+        if attention_mask is not None and not output_hidden_states:
+            # Columns after every row's last real token are pure padding that causal attention never lets an
+            # earlier token see: drop them, so a batch padded to a fixed length costs what its longest text does.
+            keep = int(attention_mask.any(0).nonzero().max()) + 1 if attention_mask.any() else 1
+            attention_mask = attention_mask[:, :keep]
+            input_ids = input_ids[:, :keep] if input_ids is not None else None
+            inputs_embeds = inputs_embeds[:, :keep] if inputs_embeds is not None else None
+            position_ids = position_ids[:, :keep] if position_ids is not None else None
         out = self.model(
             input_ids, attention_mask, position_ids, None, inputs_embeds, False, output_hidden_states
         )

@@ -120,7 +120,8 @@ class PreTrainedMixin:
             elif body is not None:
                 adapted[body] = tensor
         if cls.__name__ == "LaFormerForSequenceClassification":
-            adapted.pop("lm_head.weight", None)
+            for name in [n for n in adapted if n.startswith("lm_head.")]:  # .weight, or a quantized head's parts
+                del adapted[name]
             score = adapted.get("score.weight")
             if score is None or score.shape[0] != config.num_labels:
                 head = torch.empty(config.num_labels, config.hidden_size, dtype=dtype)

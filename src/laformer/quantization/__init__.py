@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from laformer.errors import ConfigError
+from laformer.errors import CheckpointError, ConfigError
 from laformer.quantization.linear import (
     QuantizedLinear,
     WeightOnlyInt4Linear,
@@ -129,7 +129,13 @@ def swap_for_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
         if not key.endswith(".qweight"):
             continue
         name = key[: -len(".qweight")]
-        linear = model.get_submodule(name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(
+                f"the checkpoint holds a quantized layer {name!r} that {type(model).__name__} does not have; "
+                "it was saved from another architecture or its config.json does not match its weights"
+            ) from exc
         scales = state[f"{name}.scales"]
         group = linear.in_features // scales.shape[1]
         cls = WeightOnlyInt8Linear if qweight.dtype == torch.int8 else WeightOnlyInt4Linear
