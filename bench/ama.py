@@ -36,7 +36,7 @@ from laformer.formats.registry import DEFAULT_MODEL, resolve
 from laformer.tokenizer import LaFormerTokenizer
 
 LONGTEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "longtext"
-SLICE = 64
+SLICE = 32
 METHODS = {
     "full": None,
     "ama-512": AMAConfig(slice_len=SLICE, budget=512),

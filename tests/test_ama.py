@@ -307,8 +307,8 @@ def test_bad_configs_raise_config_error(fields):
 
 
 def test_budget_description_and_streaming_baseline():
-    assert AMAConfig(budget=1024).describe() == "budget 1024 = sinks 64 + local 128 + 13 selected x 64"
-    streaming = AMAConfig(budget=512, local_window=448, mediation="off")
+    assert AMAConfig(budget=1024).describe() == "budget 1024 = sinks 32 + local 128 + 27 selected x 32"
+    streaming = AMAConfig(budget=512, local_window=480, mediation="off")
     assert streaming.num_selected == 0
 
 

@@ -136,10 +136,17 @@ def test_engine_errors(tiny):
     with pytest.raises(GenerationError, match="exceed the model's context"):
         engine.reset(1, CONFIG["max_position_embeddings"] + 1)
     engine.reset(1, 16)
+    with pytest.raises(GenerationError, match="row 1 does not exist"):
+        engine.prefill_row(1, torch.tensor([1, 2]))
     with pytest.raises(GenerationError, match="does not fit"):
         engine.prefill_row(0, torch.arange(engine.cache.max_length))
     with pytest.raises(GenerationError, match="built on this model"):
         generate(tiny, torch.tensor([[1, 2]]), engine=engine)
+    fixed = DecodeEngine(copy.deepcopy(tiny), max_length=32)
+    with pytest.raises(GenerationError, match="fixed cache of 32"):
+        fixed.reset(1, 33)
+    fixed.reset(2, 5)
+    assert fixed.cache.max_length == 32
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(tiny, batch, monkeypatch):

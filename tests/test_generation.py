@@ -153,7 +153,8 @@ def test_attention_backend_is_routed_and_restored(model):
         return sdpa_attention(q, k, v, mask, layer_idx=layer_idx, cache=cache)
 
     ids = prompt(5)[None]
-    assert torch.equal(generate(model, ids, max_new_tokens=3, attention=counting), generate(model, ids, max_new_tokens=3))
+    routed = generate(model, ids, max_new_tokens=3, attention=counting)
+    assert torch.equal(routed, generate(model, ids, max_new_tokens=3))
     assert len(calls) == 3 * len(model.model.layers)
 
     def broken(q, k, v, mask, *, layer_idx, cache):

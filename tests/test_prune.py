@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from laformer import ConfigError, GenerationError, LaFormerConfig, LaFormerForCausalLM
 from laformer.prune import magnitude_prune, perplexity, prune_ffn, prune_heads

@@ -132,6 +132,21 @@ def test_qlora_training_on_quantized_base(mode):
             assert torch.equal(state.get(key, state.get(wrapped)), value)
 
 
+def test_quantized_model_with_sparse_attention():
+    from laformer.ama import AMAConfig
+
+    model = LaFormerForCausalLM.from_config(tiny_config(), seed=8).eval()
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(0))
+    sparse = AMAConfig(slice_len=8, budget=24, local_window=8)
+    quantize_model(model, "int4", 32)
+    exact = model(ids).logits
+    model.decoder.set_attention(sparse)
+    approx = model(ids).logits
+    assert approx.shape == exact.shape and torch.isfinite(approx).all()
+    assert not torch.equal(approx, exact)  # the sparse backend is really in use
+    assert relative_error(approx, exact) < 0.5
+
+
 def test_quantize_model_swaps_all_linears_and_keeps_embedding_float():
     model = LaFormerForCausalLM.from_config(tiny_config(), seed=0).eval()
     ids = torch.randint(0, 128, (2, 12))
@@ -289,3 +304,24 @@ def test_default_model_int4_takes_gguf_blocks_exactly(default_model, default_ggu
     assert torch.equal(q_proj.dequantize(), default_model.model.layers[3].self_attn.q_proj.weight)
     assert torch.equal(quantized.lm_head.dequantize(), default_model.model.embed_tokens.weight)  # Q8_0, tied
     assert perplexity(quantized, eval_ids) < 1.05 * fp32_perplexity
+
+
+@pytest.mark.parametrize("mode, qtype_name", [("int8", "Q8_0"), ("int4", "Q4_1"), ("int4", "Q4_0")])
+def test_from_pretrained_gguf_takes_blocks_over(tmp_path, mode, qtype_name):
+    """End to end on a tiny llama.cpp-style file: quantized layers equal the dequantized GGUF weights exactly."""
+    gguf = pytest.importorskip("gguf")
+    from test_gguf import llama_cpp_tensors, write_gguf  # the GGUF tests' llama.cpp-style writer
+
+    source = LaFormerForCausalLM.from_config(tiny_config(vocab_size=96, pad_token_id=0), seed=7).eval()
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    path = write_gguf(tmp_path / "tiny.gguf", source.config, llama_cpp_tensors(source), qtype)
+    reference = LaFormerForCausalLM.from_pretrained(path)
+    quantized = LaFormerForCausalLM.from_pretrained(path, quantize=mode)
+    for name, module in quantized.named_modules():
+        if name.endswith("_proj"):
+            assert module.group_size == 32 and module.bits == int(mode[-1]), name
+            assert torch.equal(module.dequantize(), reference.get_submodule(name).weight), name
+    direct = quantized.config.extra["quantization_config"]["layers_from_gguf_blocks"]
+    assert direct == 2 * 7 + (qtype_name == "Q8_0")  # the tied head is direct when the embedding is Q8_0
+    ids = torch.randint(0, 96, (1, 8))
+    torch.testing.assert_close(quantized(ids).logits, reference(ids).logits, rtol=0.05, atol=0.05)

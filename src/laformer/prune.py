@@ -51,26 +51,27 @@ def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "layer") -> 
     linears = _decoder_linears(model)
     if not linears:
         raise ConfigError("the model has no float decoder linears to prune (quantize after pruning, not before)")
-    if scope == "global" and sparsity > 0:
-        magnitudes = torch.cat([m.weight.detach().abs().flatten().float() for m in linears.values()])
-        k = int(sparsity * magnitudes.numel())
-        threshold = magnitudes.kthvalue(k).values if k else None
-        del magnitudes
-    for module in linears.values():
-        weight = module.weight
-        if sparsity == 0:
-            continue
-        if scope == "layer":
-            k = int(sparsity * weight.numel())
-            if k == 0:
-                continue
-            threshold = weight.abs().flatten().float().kthvalue(k).values
-        if threshold is not None:
-            weight.masked_fill_(weight.abs().float() <= threshold, 0.0)
+    if sparsity > 0:
+        if scope == "global":
+            magnitudes = torch.cat([m.weight.detach().abs().flatten().float() for m in linears.values()])
+            thresholds = dict.fromkeys(linears, _kth_smallest(magnitudes, sparsity))
+            del magnitudes
+        else:
+            thresholds = {n: _kth_smallest(m.weight.detach().abs().flatten().float(), sparsity)
+                          for n, m in linears.items()}
+        for name, module in linears.items():
+            if thresholds[name] is not None:
+                module.weight.masked_fill_(module.weight.abs().float() <= thresholds[name], 0.0)
     model_config = getattr(model, "config", None)
     if model_config is not None:
         model_config.extra.setdefault("pruning", {})["magnitude"] = {"sparsity": sparsity, "scope": scope}
     return {name: (m.weight == 0).float().mean().item() for name, m in linears.items()}
+
+
+def _kth_smallest(values: torch.Tensor, fraction: float) -> torch.Tensor | None:
+    """The value below or at which ``fraction`` of ``values`` lie (None when that is no element at all)."""
+    k = int(fraction * values.numel())
+    return values.kthvalue(k).values if k else None
 
 
 @contextmanager

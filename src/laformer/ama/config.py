@@ -26,7 +26,7 @@ class AMAConfig:
     the StreamingLLM-style sinks + window baseline (no slice is selected).
     """
 
-    slice_len: int = 64
+    slice_len: int = 32
     budget: int = 1024
     sink_slices: int = 1
     local_window: int = 128

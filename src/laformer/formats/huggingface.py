@@ -73,6 +73,6 @@ def save_hf_folder(
     data["architectures"] = [architecture]
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     data["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
-    if "quantization_config" in config.extra:  # top level too, so transformers refuses it instead of misreading it
+    if "quantization_config" in config.extra:  # also at the top level, where Hugging Face tools look for it
         data["quantization_config"] = config.extra["quantization_config"]
     (folder / "config.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

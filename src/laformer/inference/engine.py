@@ -31,11 +31,16 @@ class DecodeEngine:
     ``prefill`` starts a batch (left-padded prompts), ``prefill_row`` starts one row alone, ``decode`` advances
     every row by one token; each returns float logits (B, V) for the next token. ``compile=True`` compiles the
     one-token step with ``torch.compile`` and falls back to eager (with a warning) where compilation fails.
+    The cache is sized per request (rounded up to 64 tokens); ``max_length`` fixes it instead, so that a compiled
+    step, which is specialised to the cache's shape, is compiled once for every request that fits.
     """
 
-    def __init__(self, model: nn.Module, *, compile: bool = False, fuse: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, *, compile: bool = False, fuse: bool = True, max_length: int | None = None
+    ) -> None:
         self.model = model.eval()
         self.config = model.config
+        self.max_length = max_length
         if fuse:
             fuse_projections(model)
         self.cache: StaticKVCache | None = None
@@ -60,9 +65,14 @@ class DecodeEngine:
                 f"{max_length} tokens exceed the model's context of {self.config.max_position_embeddings}; "
                 "shorten the prompt or lower max_new_tokens"
             )
-        length = -(-max_length // CACHE_GRANULARITY) * CACHE_GRANULARITY
+        if self.max_length is not None and max_length > self.max_length:
+            raise GenerationError(
+                f"{max_length} tokens (prompt + new) exceed the engine's fixed cache of {self.max_length}; "
+                "build the DecodeEngine with a larger max_length"
+            )
+        length = self.max_length or -(-max_length // CACHE_GRANULARITY) * CACHE_GRANULARITY
         cache = self.cache
-        if cache is None or cache.batch_size != batch_size or not max_length <= cache.max_length <= 2 * length:
+        if cache is None or cache.batch_size != batch_size or not length <= cache.max_length <= 2 * length:
             self.cache = StaticKVCache(self.config, batch_size, length, self.dtype, self.device)
             self.valid = torch.zeros(batch_size, length, dtype=torch.bool, device=self.device)
             self.columns = torch.arange(length, device=self.device)
@@ -86,6 +96,8 @@ class DecodeEngine:
         """Replace row ``row`` by a new prompt (1-D ids) while other rows keep their state; returns (1, V)."""
         if self.cache is None:
             raise GenerationError("the engine has no cache yet; call reset(batch_size, max_length) or prefill first")
+        if not 0 <= row < self.cache.batch_size:
+            raise GenerationError(f"row {row} does not exist; the engine holds rows 0..{self.cache.batch_size - 1}")
         if input_ids.numel() + 1 > self.cache.max_length:
             raise GenerationError(
                 f"a prompt of {input_ids.numel()} tokens does not fit the engine's cache of {self.cache.max_length} "
@@ -95,7 +107,10 @@ class DecodeEngine:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (B,) and return the next-token logits (B, V)."""
+        """Feed one token per row (B,) and return the next-token logits (B, V).
+
+        Each row has room for the ``max_new_tokens`` it was prefilled with (the cache is not checked per step).
+        """
         return self._step(tokens)
 
     def release_row(self, row: int) -> None:

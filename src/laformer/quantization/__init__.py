@@ -8,8 +8,10 @@ Checkpoint format (``save_pretrained`` of a quantized model, loaded back quantiz
 uint8 ``(out, in/2)`` packed nibbles in ggml's order), ``<name>.scales`` (float32 ``(out, in/group_size)``) and,
 for int4, ``<name>.mins`` (float32, same shape); value = q * scale (+ min). Everything else (embedding, norms, a
 classifier's ``score``) stays float. ``config.json`` carries ``quantization_config`` (``quant_method:
-"laformer"``, ``mode``, ``group_size``) both at the top level, so that ``transformers`` refuses the folder instead
-of loading garbage, and under ``laformer``, which is what marks the folder as quantized for us.
+"laformer"``, ``mode``, ``group_size``, ``head_mode``, ``layers_from_gguf_blocks``) at the top level, where Hugging
+Face tools look for it, and under ``laformer``, which is what marks the folder as quantized for us. ``transformers``
+cannot use these weights (it reports them unexpected and initialises the linears at random): convert with
+``laformer convert`` from the float original for it.
 The embedding stays float even when the tied output head is quantized: a lookup reads one row, it costs nothing.
 """
 
@@ -81,6 +83,7 @@ def quantize_model(
             check_group_size(group, model.get_submodule(name).in_features, name, MODES[layer_mode].bits)
         plan[name] = (layer_mode, group)
     sources = _gguf_sources(model, gguf_tensors) if gguf_tensors else {}
+    direct = 0
     for name, (layer_mode, group) in plan.items():
         linear = model.get_submodule(name)
         info = sources.get(name)
@@ -88,6 +91,7 @@ def quantize_model(
             from laformer.quantization.gguf import linear_from_ggml
 
             quantized = linear_from_ggml(info.data, info.qtype, info.shape).to(linear.weight.device)
+            direct += 1
         else:
             quantized = MODES[layer_mode].from_float(linear, group, name=name)
         _set(model, name, quantized)
@@ -95,7 +99,7 @@ def quantize_model(
     if config is not None:
         config.extra["quantization_config"] = {
             "quant_method": "laformer", "mode": mode, "group_size": group_size or DEFAULT_GROUP_SIZE[mode],
-            "head_mode": head_mode,
+            "head_mode": head_mode, "layers_from_gguf_blocks": direct,  # those keep ggml's group size of 32
         }
     return model
 

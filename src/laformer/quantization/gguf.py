@@ -53,6 +53,8 @@ def linear_from_ggml(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple
         module.mins.copy_(_half(blocks, 2))
         qs = blocks[:, :, 4:]
     else:
-        raise CheckpointError(f"ggml type {qtype.name} has no direct quantized form; dequantize it and use quantize_model")
+        raise CheckpointError(
+            f"ggml type {qtype.name} has no direct quantized form; dequantize it and use quantize_model"
+        )
     module.qweight.copy_(qs.reshape(out_features, in_features // 2))  # ggml's nibble order is ours
     return module

@@ -1,7 +1,9 @@
 """The compiled small-batch kernel (``qgemm.c``), built with the system C compiler at first use and cached.
 
-PyTorch's own weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) measured 10-20x
-slower than a float32 matmul at batch 1 on our AVX2 CPUs, so decode uses this ~100-line AVX2 kernel instead.
+PyTorch's own weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) measured 3-30x
+slower than a float32 matmul here (bench/quantize.py), and FBGEMM's dynamic int8 linear, though fast, quantizes
+the activations per tensor (+183% perplexity on SmolLM2-135M), so decode uses this ~100-line AVX2 kernel: 6-8x
+faster than float32 on a SmolLM2 linear at batch 1, 1.0-1.7x at 8 rows (above that, dequantize + matmul).
 It is plain C called through ctypes (no torch headers), so the build takes about a second. Without a compiler,
 on a CPU without AVX2, or with ``LAFORMER_NO_KERNELS=1``, ``available()`` is False and the quantized layers fall
 back to dequantize-then-matmul (correct, slower).

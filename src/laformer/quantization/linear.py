@@ -99,7 +99,9 @@ class WeightOnlyInt8Linear(QuantizedLinear):
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, linear: nn.Linear, group_size: int | None = None, name: str = "linear") -> "WeightOnlyInt8Linear":
+    def from_float(
+        cls, linear: nn.Linear, group_size: int | None = None, name: str = "linear"
+    ) -> "WeightOnlyInt8Linear":
         N, K = linear.out_features, linear.in_features
         if group_size is not None:
             check_group_size(group_size, K, name, bits=8)
