@@ -288,6 +288,20 @@ def test_learned_gate_starts_as_estimate_and_trains():
         assert gate.bias.grad.abs().sum() > 0
 
 
+def test_learned_gate_trains_next_to_lora_with_the_base_frozen():
+    from laformer.peft import LoraConfig, get_peft_model
+
+    model = LaFormerForCausalLM.from_config(tiny_config(), seed=0)
+    model.decoder.set_attention(AMAConfig(slice_len=8, budget=32, local_window=16, mediation="learned"))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["ama_gate"]))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "ama_gate" in n} and {n for n in trainable if "lora_" in n}
+    assert not {n for n in trainable if "ama_gate" not in n and "lora_" not in n}
+    ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(6))
+    model(ids, labels=ids).loss.backward()
+    assert model.model.layers[1].self_attn.ama_gate.weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- configuration, reporting, drawing
 
 

@@ -228,7 +228,7 @@ class AMAAttention:
         h = torch.arange(Hkv, device=q.device)[None, :, None, None]
         offsets = torch.arange(L, device=q.device)
         n_keys = n_pick * L + (Fs if mediate else 0)
-        chunk = max(1, BLOCK_CHUNK_ELEMENTS // (B * Hkv * (G * L * n_keys + 2 * n_keys * D)))
+        chunk = max(1, BLOCK_CHUNK_ELEMENTS // (B * Hkv * (L * n_keys + 2 * n_keys * D)))
         outs = []
         for start in range(0, nb, chunk):
             blk = slice(start, min(start + chunk, nb))
@@ -243,15 +243,20 @@ class AMAAttention:
                 q_row = (q_pos - P0).clamp(0, T - 1)[None, None, :, :, None]
                 allowed = allowed & mask[:, 0][b[..., None], q_row, key_pos.clamp_max(S - 1)[:, :, :, None, :]]
             bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, NEG_INF)
-            bias = bias[:, :, :, None].expand(-1, -1, -1, G, -1, -1)  # (B, H_kv, C, G, L, n*L): shared by a group
+            bias = bias[:, :, :, None]  # (B, H_kv, C, 1, L, n*L): one mask for the group's heads
             if mediate:
                 keys = torch.cat([keys, summaries.kmean[:, :, None].expand(-1, -1, C, -1, -1).to(keys.dtype)], 3)
                 values = torch.cat([values, summaries.vmean[:, :, None].expand(-1, -1, C, -1, -1).to(keys.dtype)], 3)
-                bias = torch.cat([bias, pseudo[:, :, blk, :, None].expand(-1, -1, -1, G, L, -1)], -1)
+                rows = pseudo.shape[3]  # 1, or G with a per-head learned gate
+                bias = torch.cat([bias.expand(-1, -1, -1, rows, -1, -1),
+                                  pseudo[:, :, blk, :, None].expand(-1, -1, -1, -1, L, -1)], -1)
             n = keys.shape[3]
+            # Each (batch, KV head, block) is one SDPA batch row; its G query heads share the keys and the mask.
             out = F.scaled_dot_product_attention(
-                qb[:, :, blk].reshape(B, Hkv * C, G * L, D), keys.reshape(B, Hkv * C, n, D).to(q.dtype),
-                values.reshape(B, Hkv * C, n, D).to(q.dtype), attn_mask=bias.reshape(B, Hkv * C, G * L, n),
+                qb[:, :, blk].reshape(B * Hkv * C, G, L, D),
+                keys.reshape(B * Hkv * C, 1, n, D).to(q.dtype).expand(-1, G, -1, -1),
+                values.reshape(B * Hkv * C, 1, n, D).to(q.dtype).expand(-1, G, -1, -1),
+                attn_mask=bias.reshape(B * Hkv * C, bias.shape[3], L, n),
             )
             outs.append(out.view(B, Hkv, C, G * L, D))
         out = torch.cat(outs, 2).view(B, Hkv, nb, G, L, D).transpose(2, 3).reshape(B, H, nb * L, D)

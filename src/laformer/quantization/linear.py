@@ -67,6 +67,7 @@ class QuantizedLinear(nn.Module):
             and x.dtype == torch.float32
             and x.device.type == "cpu"
             and self.in_features % CHUNK == 0
+            and self.qweight.is_contiguous()
             and not (x.requires_grad and torch.is_grad_enabled())
             and kernels.available()
         ):
