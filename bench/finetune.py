@@ -204,16 +204,25 @@ def prepare(folder: Path) -> None:
     torch.save(torch.randn(2, 576) * 0.02, folder / "head.pt")
 
 
-def launch(args: argparse.Namespace, side: str, mode: str, folder: Path) -> dict:
-    command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--folder", str(folder),
-               "--steps", str(args.steps), "--eval", str(args.eval), "--pass-examples", str(args.pass_examples),
-               "--pass-probe", str(args.pass_probe), "--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if done.returncode:
-        raise SystemExit(f"{side}/{mode} failed:\n{done.stderr[-4000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {side:12s} {mode:6s} {json.dumps(result)}", flush=True)
-    return result
+def launch(args: argparse.Namespace, mode: str, folder: Path) -> dict[str, dict]:
+    """Both sides of one comparison, one after the other or (``--concurrent``) side by side."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    processes = {}
+    for side in ("transformers", "laformer"):
+        command = [sys.executable, __file__, "--worker", side, "--mode", mode, "--folder", str(folder),
+                   "--steps", str(args.steps), "--eval", str(args.eval), "--pass-examples", str(args.pass_examples),
+                   "--pass-probe", str(args.pass_probe), "--threads", str(args.threads)]
+        processes[side] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        if not args.concurrent:
+            processes[side].wait()
+    results = {}
+    for side, process in processes.items():
+        out, err = process.communicate()
+        if process.returncode:
+            raise SystemExit(f"{side}/{mode} failed:\n{err[-4000:]}")
+        results[side] = json.loads(out.strip().splitlines()[-1])
+        print(f"  {side:12s} {mode:6s} {json.dumps(results[side])}", flush=True)
+    return results
 
 
 def main() -> None:
@@ -223,6 +232,9 @@ def main() -> None:
     parser.add_argument("--pass-examples", type=int, default=2000)
     parser.add_argument("--pass-probe", type=int, default=16, help="timed steps of the padded pass")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=["right", "left", "pass"], choices=("right", "left", "pass"))
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run both sides of each comparison at once (fairer on a machine shared with other work)")
     parser.add_argument("--worker", choices=("laformer", "transformers"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("right", "left", "pass"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -236,29 +248,29 @@ def main() -> None:
         folder = Path(tmp)
         prepare(folder)
         results = {}
-        for mode in ("right", "left", "pass"):
-            for side in ("transformers", "laformer"):
-                results[(side, mode)] = launch(args, side, mode, folder)
-    hf, lf = results[("transformers", "right")], results[("laformer", "right")]
-    hl, ll = results[("transformers", "left")], results[("laformer", "left")]
-    hp, lp = results[("transformers", "pass")], results[("laformer", "pass")]
-    rows = [
-        ("(8,128) right-padded: padded tokens/s", hf["padded_tokens_per_s"], lf["padded_tokens_per_s"]),
-        ("(8,128) right-padded: peak RSS (GB)", hf["peak_rss_gb"], lf["peak_rss_gb"]),
-        (f"val accuracy after {lf['steps'] + 1} steps ({args.eval} ex.)", hf["val_accuracy"], lf["val_accuracy"]),
-        ("(8,128) left-padded (all computed): tokens/s", hl["padded_tokens_per_s"], ll["padded_tokens_per_s"]),
-        ("(8,128) left-padded: peak RSS (GB)", hl["peak_rss_gb"], ll["peak_rss_gb"]),
-        (f"one pass over {args.pass_examples} ex. (s)" + (" *" if hp["extrapolated"] else ""), hp["seconds"], lp["seconds"]),
-        ("peak RSS of the pass (GB)", hp["peak_rss_gb"], lp["peak_rss_gb"]),
-    ]
-    print(f"\nLoRA r={RANK} q/v, AdamW lr={LR}, batch {BATCH}, {args.threads} threads, torch {torch.__version__}")
-    print(f"| {'measure':44s} | {'transformers+peft':>17s} | {'laformer':>10s} | {'laformer/peer':>13s} |")
-    print(f"|{'-' * 46}|{'-' * 19}|{'-' * 12}|{'-' * 15}|")
-    for name, theirs, ours in rows:
-        print(f"| {name:44s} | {theirs:17.3f} | {ours:10.3f} | {ours / theirs:12.2f}x |")
-    if hp["extrapolated"]:
+        for mode in args.modes:
+            for side, result in launch(args, mode, folder).items():
+                results[(side, mode)] = result
+    labels = {
+        "right": [("(8,128) right-padded: padded tokens/s", "padded_tokens_per_s"),
+                  ("(8,128) right-padded: peak RSS (GB)", "peak_rss_gb"),
+                  (f"val accuracy after {args.steps + 1} steps ({args.eval} ex.)", "val_accuracy")],
+        "left": [("(8,128) left-padded (all computed): tokens/s", "padded_tokens_per_s"),
+                 ("(8,128) left-padded: peak RSS (GB)", "peak_rss_gb")],
+        "pass": [(f"one pass over {args.pass_examples} ex. (s) *", "seconds"), ("peak RSS of the pass (GB)", "peak_rss_gb")],
+    }
+    print(f"\nLoRA r={RANK} q/v, AdamW lr={LR}, batch {BATCH}, {args.threads} threads, torch {torch.__version__}"
+          + (", sides run concurrently" if args.concurrent else ""))
+    print(f"| {'measure':46s} | {'transformers+peft':>17s} | {'laformer':>10s} | {'laformer/peer':>13s} |")
+    print(f"|{'-' * 48}|{'-' * 19}|{'-' * 12}|{'-' * 15}|")
+    for mode in args.modes:
+        for name, key in labels[mode]:
+            theirs, ours = results[("transformers", mode)][key], results[("laformer", mode)][key]
+            print(f"| {name:46s} | {theirs:17.3f} | {ours:10.3f} | {ours / theirs:12.2f}x |")
+    if "pass" in args.modes:
+        hp, lp = results[("transformers", "pass")], results[("laformer", "pass")]
         print(f"* transformers' padded pass timed over {hp['probe_steps']} steps (all the same shape) and scaled "
-              f"to its {hp['steps']} steps; speed-up of the pass: {hp['seconds'] / lp['seconds']:.2f}x")
+              f"to its {hp['steps']} steps; the pass is {hp['seconds'] / lp['seconds']:.2f}x faster with laformer")
     if args.json:
         Path(args.json).write_text(json.dumps({f"{s}/{m}": r for (s, m), r in results.items()}, indent=2))
 
