@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from laformer.errors import ConfigError
-from laformer.peft.lora import mergeable_weight
+from laformer.peft.lora import MergeableDelta
 from laformer.peft.targets import (
     check_untied,
     find_modules_to_save,
@@ -86,7 +86,7 @@ class AdaLoraConfig:
             )
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(MergeableDelta):
     """``base(x) + dropout(x) @ (A * E).T @ B.T * scaling / ranknum`` with ranknum = the initial rank."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, init: str = "gaussian") -> None:
@@ -122,19 +122,6 @@ class SVDLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            weight = mergeable_weight(self.base_layer)
-            weight += self.delta_weight().to(weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            weight = mergeable_weight(self.base_layer)
-            weight -= self.delta_weight().to(weight.dtype)
-            self.merged = False
 
     @torch.no_grad()
     def prune(self, keep: Sequence[bool]) -> None:

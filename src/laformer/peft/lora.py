@@ -60,7 +60,31 @@ class LoraConfig:
             self.modules_to_save = tuple(self.modules_to_save)
 
 
-class LoRALinear(nn.Module):
+class MergeableDelta(nn.Module):
+    """Merging for wrappers whose update is a weight delta: ``delta_weight()`` added to ``base_layer``'s weight."""
+
+    base_layer: nn.Module
+    merged: bool
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            weight = mergeable_weight(self.base_layer)
+            weight += self.delta_weight().to(weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            weight = mergeable_weight(self.base_layer)
+            weight -= self.delta_weight().to(weight.dtype)
+            self.merged = False
+
+
+class LoRALinear(MergeableDelta):
     """``base(x) + B(A(dropout(x))) * scaling``; ``merge`` folds the update into the base weight."""
 
     def __init__(
@@ -90,19 +114,6 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            weight = mergeable_weight(self.base_layer)
-            weight += self.delta_weight().to(weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            weight = mergeable_weight(self.base_layer)
-            weight -= self.delta_weight().to(weight.dtype)
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
