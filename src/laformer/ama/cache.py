@@ -98,43 +98,9 @@ def update_summaries(
 
 
 class SlicedKVCache(KVCache):
-    """A ``KVCache`` whose buffers grow in whole slices, so a decode step writes one token instead of
-    copying the whole cache (``torch.cat``) as the plain cache does. ``keys[i]`` are views of the buffers."""
+    """A ``KVCache`` whose storage is laid out in whole slices of ``slice_len`` tokens, so full slices are
+    (B, H, n_slices, slice_len, D) views of the buffers with no copy."""
 
-    def __init__(self, num_layers: int, slice_len: int = 64, capacity: int = 0) -> None:
-        super().__init__(num_layers)
+    def __init__(self, num_layers: int, slice_len: int = 32, capacity: int = 0) -> None:
+        super().__init__(num_layers, block=slice_len, capacity=capacity)
         self.slice_len = slice_len
-        self.capacity = capacity
-        self._kbuf: list[torch.Tensor | None] = [None] * num_layers
-        self._vbuf: list[torch.Tensor | None] = [None] * num_layers
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        length = self.get_seq_length(layer_idx)
-        end = length + k.shape[2]
-        kbuf = self._kbuf[layer_idx]
-        if kbuf is None or end > kbuf.shape[2]:
-            size = max(self.capacity, 2 * end)
-            size = -(-size // self.slice_len) * self.slice_len
-            self._kbuf[layer_idx] = self._grow(kbuf, k, size, length)
-            self._vbuf[layer_idx] = self._grow(self._vbuf[layer_idx], v, size, length)
-        self._kbuf[layer_idx][:, :, length:end] = k
-        self._vbuf[layer_idx][:, :, length:end] = v
-        self.keys[layer_idx] = self._kbuf[layer_idx][:, :, :end]
-        self.values[layer_idx] = self._vbuf[layer_idx][:, :, :end]
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    @staticmethod
-    def _grow(old: torch.Tensor | None, new: torch.Tensor, size: int, length: int) -> torch.Tensor:
-        B, H, _, D = new.shape
-        buf = new.new_empty(B, H, size, D)
-        if old is not None and length:
-            buf[:, :, :length] = old[:, :, :length]
-        return buf
-
-    def reorder(self, index: torch.Tensor) -> None:
-        super().reorder(index)
-        self._kbuf = [None if k is None else k.contiguous() for k in self.keys]
-        self._vbuf = [None if v is None else v.contiguous() for v in self.values]
-
-    def crop(self, length: int) -> None:
-        super().crop(length)  # keys become shorter views of the same buffers: later writes overwrite the rest
