@@ -134,6 +134,7 @@ def worker_transformers(mode: str, data: dict) -> dict:
 
 def worker_llama_cpp(mode: str, data: dict) -> dict:
     import numpy as np
+    import llama_cpp
     from gguf import GGUFReader
     from llama_cpp import Llama
 
@@ -149,6 +150,9 @@ def worker_llama_cpp(mode: str, data: dict) -> dict:
     if not any(t.name == "output.weight" for t in reader.tensors):  # tied: the embedding is the output head
         weight_bytes += int(embedding.n_bytes)
 
+    def last_logits():  # llm.scores is only filled with logits_all=True
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
     def run(prompts, n):
         outputs = []
         for prompt in prompts:  # the high-level API decodes one sequence at a time
@@ -156,7 +160,7 @@ def worker_llama_cpp(mode: str, data: dict) -> dict:
             llm.eval(prompt)
             tokens = []
             for _ in range(n):
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                token = int(np.argmax(last_logits()))
                 tokens.append(token)
                 if len(tokens) < n:
                     llm.eval([token])
