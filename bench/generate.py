@@ -81,7 +81,7 @@ def worker_laformer(mode: str, data: dict) -> dict:
         run(data["decode_prompts"], 2)
         warmup = time.perf_counter() - start
         decode1, out1 = _decode_rate(run, data["decode_prompts"][:1], data["new_tokens"], data["repeats"])
-        decode8, out8 = _decode_rate(run, data["decode_prompts"], data["new_tokens"], 1)
+        decode8, out8 = _decode_rate(run, data["decode_prompts"], data["new_tokens"], data["repeats"])
         # Prefill last: its longer cache would otherwise be reused by the decodes, at a shape not compiled yet.
         prompt = torch.tensor([data["prefill_prompt"]])
         prefill = len(data["prefill_prompt"]) / _best(lambda: engine.prefill(prompt, None, 1), data["repeats"])
@@ -121,7 +121,7 @@ def worker_transformers(mode: str, data: dict) -> dict:
         prompt = torch.tensor([data["prefill_prompt"]])
         prefill = len(data["prefill_prompt"]) / _best(lambda: model(prompt, logits_to_keep=1), data["repeats"])
         decode1, out1 = _decode_rate(run, data["decode_prompts"][:1], data["new_tokens"], data["repeats"])
-        decode8, out8 = _decode_rate(run, data["decode_prompts"], data["new_tokens"], 1)
+        decode8, out8 = _decode_rate(run, data["decode_prompts"], data["new_tokens"], data["repeats"])
         rss = _peak_rss_mb()
         nll, count = 0.0, 0
         for window in data["ppl_windows"]:
