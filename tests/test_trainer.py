@@ -217,3 +217,35 @@ def test_classifier_padding_tail_changes_nothing():
     torch.testing.assert_close(model(ids, mask, output_hidden_states=True).logits, padded.logits)
     padded.loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_adalora_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    """AdaLoRA's importance scores and rank masks live in the hooks: a resume must restore them too."""
+    peft = pytest.importorskip("laformer.peft")
+
+    def run(folder, resume=False):
+        model = peft.get_peft_model(tiny_classifier(seed=1), peft.AdaLoraConfig(
+            init_r=6, target_r=1, tinit=0, tfinal=0, deltaT=1, beta1=0.3, beta2=0.3, total_step=6,
+            target_modules=["q_proj", "v_proj"]))
+        hooks = peft.peft_training_hooks(model)
+        Trainer(model, args(folder, max_steps=6, save_steps=2), sentiment_dataset(20), hooks=hooks).train(
+            resume_from=resume)
+        return trainable(model)
+
+    expected = run(tmp_path / "a")
+    original = Trainer._optimizer_step
+    calls = {"n": 0}
+
+    def crash_at_step_4(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b")
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    resumed = run(tmp_path / "b", resume=True)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0)
