@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ["laformer-fp32", "laformer-fp32-compiled", "laformer-int8", "laformer-int4", "transformers-fp32", "llama.cpp"]
+MODES = ["laformer-fp32", "laformer-fp32-compiled", "laformer-int8", "laformer-int8-compiled", "laformer-int4",
+         "laformer-int4-compiled", "transformers-fp32", "llama.cpp"]
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "longtext" / "wikitext2_test.raw.txt"
 
 
@@ -61,7 +62,7 @@ def worker_laformer(mode: str, data: dict) -> dict:
     from laformer.generation import generate
     from laformer.inference import DecodeEngine
 
-    quantize = {"laformer-int8": "int8", "laformer-int4": "int4"}.get(mode)
+    quantize = {"int8": "int8", "int4": "int4"}.get(mode.split("-")[1])
     start = time.perf_counter()
     model = LaFormerForCausalLM.from_pretrained(data["model"], quantize=quantize)
     engine = DecodeEngine(model, compile=mode.endswith("compiled"))
@@ -247,7 +248,7 @@ def available(mode: str) -> str | None:
         return "llama-cpp-python not installed: pip install llama-cpp-python (compiles llama.cpp, a few minutes)"
     if mode == "transformers-fp32" and importlib.util.find_spec("transformers") is None:
         return "transformers not installed: pip install transformers"
-    if mode in ("laformer-int8", "laformer-int4") and importlib.util.find_spec("laformer.quantization") is None:
+    if "-int" in mode and importlib.util.find_spec("laformer.quantization") is None:
         return "laformer.quantization not available in this checkout"
     return None
 
@@ -324,10 +325,12 @@ def main() -> None:
         if r.get("warmup"):
             note = " (compilation unavailable: ran eagerly)" if r.get("compiled") is False and "compiled" in mode else ""
             print(f"{mode}: warm-up {r['warmup']:.1f} s{note}")
-    eager, compiled = results.get("laformer-fp32"), results.get("laformer-fp32-compiled")
-    if eager and compiled:
-        same = eager["greedy"] == compiled["greedy"] and eager["greedy8"] == compiled["greedy8"]
-        print(f"greedy outputs eager vs compiled (batch 1 and 8): {'identical' if same else 'DIFFERENT'}")
+    for width in ("fp32", "int8", "int4"):
+        eager, compiled = results.get(f"laformer-{width}"), results.get(f"laformer-{width}-compiled")
+        if eager and compiled:
+            same = eager["greedy"] == compiled["greedy"] and eager["greedy8"] == compiled["greedy8"]
+            print(f"{width} greedy outputs eager vs compiled (batch 1 and 8): {'identical' if same else 'DIFFERENT'}")
+    eager = results.get("laformer-fp32")
     if eager:
         single_vs_batch = eager["greedy"] == eager["greedy8"][0]
         print(f"laformer fp32 greedy, batch 1 vs row 0 of batch 8: {'identical' if single_vs_batch else 'different'}")

@@ -179,3 +179,17 @@ def test_compiled_step_gives_identical_greedy_tokens(tiny, batch):
     torch.testing.assert_close(out, expected)
     # Same shapes again: the compiled step is reused, and still exact.
     torch.testing.assert_close(generate(compiled.model, ids, mask, max_new_tokens=12, engine=compiled), expected)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_compiled_step_traces_the_quantized_kernel(tiny, batch):
+    ids, mask = batch
+    model = quantize_model(copy.deepcopy(tiny), "int8", 32)
+    eager, compiled = DecodeEngine(copy.deepcopy(model)), DecodeEngine(copy.deepcopy(model), compile=True)
+    expected = generate(eager.model, ids[:1], max_new_tokens=6, engine=eager)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = generate(compiled.model, ids[:1], max_new_tokens=6, engine=compiled)
+    if not compiled.compiled:
+        pytest.skip(f"torch.compile unavailable here: {[str(w.message) for w in caught]}")
+    torch.testing.assert_close(out, expected)

@@ -81,11 +81,14 @@ def _library():
     return fn
 
 
+@torch.compiler.assume_constant_result  # read once while tracing, so a compiled step never calls ctypes here
 def available() -> bool:
     """True when the compiled kernel can be used on this machine (builds it on first call)."""
     return _library() is not None
 
 
+# A custom op, not a bare ctypes call, so torch.compile keeps the kernel as one opaque node in the graph.
+@torch.library.custom_op("laformer::qgemm", mutates_args=())
 def qgemm(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, group_size: int
 ) -> torch.Tensor:
@@ -98,3 +101,8 @@ def qgemm(
         y.data_ptr(), M, N, K, group_size, torch.get_num_threads(),
     )
     return y
+
+
+@qgemm.register_fake
+def _(x, qweight, scales, mins, bits, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
