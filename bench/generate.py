@@ -37,6 +37,18 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _window_perplexity(model, windows: list[list[int]]) -> float:
+    """exp(mean next-token loss) over the given token windows, each scored on its own."""
+    import torch
+
+    nll, count = 0.0, 0
+    for window in windows:
+        ids = torch.tensor([window])
+        nll += float(model(ids, labels=ids).loss) * (len(window) - 1)
+        count += len(window) - 1
+    return math.exp(nll / count)
+
+
 def _best(fn, repeats: int) -> float:
     """Fastest of ``repeats`` timed calls (the least disturbed by other processes)."""
     times = []
@@ -87,13 +99,9 @@ def worker_laformer(mode: str, data: dict) -> dict:
         prompt = torch.tensor([data["prefill_prompt"]])
         prefill = len(data["prefill_prompt"]) / _best(lambda: engine.prefill(prompt, None, 1), data["repeats"])
         rss = _peak_rss_mb()
-        nll, count = 0.0, 0
-        for window in data["ppl_windows"]:
-            ids = torch.tensor([window])
-            nll += float(model(ids, labels=ids).loss) * (len(window) - 1)
-            count += len(window) - 1
+        ppl = _window_perplexity(model, data["ppl_windows"])
     return dict(load=load, warmup=warmup, rss=rss, prefill=prefill, decode1=decode1, decode8=decode8,
-                ppl=math.exp(nll / count), weight_bytes=weight_bytes, greedy=out1[0], greedy8=out8,
+                ppl=ppl, weight_bytes=weight_bytes, greedy=out1[0], greedy8=out8,
                 compiled=engine.compiled)
 
 
@@ -124,13 +132,9 @@ def worker_transformers(mode: str, data: dict) -> dict:
         decode1, out1 = _decode_rate(run, data["decode_prompts"][:1], data["new_tokens"], data["repeats"])
         decode8, out8 = _decode_rate(run, data["decode_prompts"], data["new_tokens"], data["repeats"])
         rss = _peak_rss_mb()
-        nll, count = 0.0, 0
-        for window in data["ppl_windows"]:
-            ids = torch.tensor([window])
-            nll += float(model(ids, labels=ids).loss) * (len(window) - 1)
-            count += len(window) - 1
+        ppl = _window_perplexity(model, data["ppl_windows"])
     return dict(load=load, warmup=warmup, rss=rss, prefill=prefill, decode1=decode1, decode8=decode8,
-                ppl=math.exp(nll / count), weight_bytes=weight_bytes, greedy=out1[0], greedy8=out8)
+                ppl=ppl, weight_bytes=weight_bytes, greedy=out1[0], greedy8=out8)
 
 
 def worker_llama_cpp(mode: str, data: dict) -> dict:
@@ -191,7 +195,7 @@ def worker_llama_cpp(mode: str, data: dict) -> dict:
         nll -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
         count += len(window) - 1
     return dict(load=load, warmup=warmup, rss=rss, prefill=prefill, decode1=decode1, decode8=None,
-                ppl=math.exp(nll / count), weight_bytes=weight_bytes, greedy=out1[0], greedy8=None)
+                ppl=ppl, weight_bytes=weight_bytes, greedy=out1[0], greedy8=None)
 
 
 def run_worker(mode: str, data_path: str, out_path: str) -> None:
