@@ -195,7 +195,7 @@ def worker_llama_cpp(mode: str, data: dict) -> dict:
         nll -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
         count += len(window) - 1
     return dict(load=load, warmup=warmup, rss=rss, prefill=prefill, decode1=decode1, decode8=None,
-                ppl=ppl, weight_bytes=weight_bytes, greedy=out1[0], greedy8=None)
+                ppl=math.exp(nll / count), weight_bytes=weight_bytes, greedy=out1[0], greedy8=None)
 
 
 def run_worker(mode: str, data_path: str, out_path: str) -> None:
