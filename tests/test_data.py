@@ -148,3 +148,33 @@ def test_collator_pads_causal_labels_with_ignore_index():
     batch = PaddingCollator()([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}])
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
     assert batch["labels"].dtype == torch.long
+
+
+def test_back_translation_round_trips_through_the_pivot(monkeypatch):
+    """Each text goes English -> pivot -> English; commentary after a blank line is cut; an empty reply keeps the text."""
+    import laformer.generation
+
+    seen: list[list[str]] = []
+
+    def fake_generate_text(model, tokenizer, prompts, chat, max_new_tokens):
+        seen.append(prompts)
+        if len(seen) == 1:
+            return [f"FR({p.rsplit(chr(10), 1)[-1]})\n\nTranslation notes..." for p in prompts]
+        return ["  back: " + prompts[0].rsplit("\n", 1)[-1] + "  ", ""]
+
+    monkeypatch.setattr(laformer.generation, "generate_text", fake_generate_text)
+    from laformer.training import back_translate
+
+    out = back_translate(object(), object(), ["good film", "bad plot"], pivot="German")
+    assert "into German" in seen[0][0] and seen[0][0].endswith("good film")
+    assert "German text into English" in seen[1][0] and seen[1][0].endswith("FR(good film)")
+    assert out == ["back: FR(good film)", "bad plot"]
+
+
+def test_back_translation_with_the_default_model(default_model, default_tokenizer):
+    from laformer.training import back_translate
+
+    texts = ["The movie was wonderful.", "I hated this boring film."]
+    out = back_translate(default_model, default_tokenizer, texts, max_new_tokens=12)
+    assert len(out) == 2 and all(isinstance(t, str) and t.strip() for t in out)
+    assert out != texts  # generated, not copied back

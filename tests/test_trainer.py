@@ -249,3 +249,44 @@ def test_adalora_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     resumed = run(tmp_path / "b", resume=True)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0)
+
+
+def test_weights_and_biases_receives_the_run(tmp_path, monkeypatch):
+    """With ``report_to=["wandb"]`` the run's config, training and evaluation scalars reach W&B, then it finishes."""
+    import importlib.machinery
+    import sys
+    import types
+
+    calls: dict[str, list] = {"init": [], "log": [], "finish": []}
+
+    class Run:
+        def log(self, metrics, step):
+            calls["log"].append((step, dict(metrics)))
+
+        def finish(self):
+            calls["finish"].append(True)
+
+    def init(**kwargs):
+        calls["init"].append(kwargs)
+        return Run()
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = args(tmp_path, max_steps=4, eval_steps=2, report_to=["wandb"], run_name="sst-lora")
+    Trainer(tiny_classifier(), run, sentiment_dataset(16), sentiment_dataset(8, seed=1)).train()
+    assert calls["init"][0]["name"] == "sst-lora" and calls["init"][0]["config"]["max_steps"] == 4
+    logged = {name for _, metrics in calls["log"] for name in metrics}
+    assert {"train/loss", "train/lr", "eval/accuracy", "eval/loss"} <= logged
+    assert [step for step, m in calls["log"] if "eval/accuracy" in m] == [2, 4]
+    assert calls["finish"] == [True]
+
+
+def test_weights_and_biases_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(TrainingError, match="pip install wandb"):
+        Trainer(tiny_classifier(), args(tmp_path, report_to=["wandb"]), sentiment_dataset(8)).train()

@@ -83,19 +83,23 @@ def back_translate(
 ) -> list[str]:
     """Paraphrases made by translating into ``pivot`` and back with the model's own (greedy) generation.
 
-    A paraphrase that comes back empty is replaced by its original text, so labels always stay paired.
+    Only the first paragraph of each reply is kept (small models tend to add commentary after a blank line), and a
+    paraphrase that comes back empty is replaced by its original text, so labels always stay paired. The quality
+    is the model's: SmolLM2-135M translates poorly, so use a larger local checkpoint for real augmentation.
     """
     from laformer.generation import generate_text
 
     chat = bool(getattr(tokenizer, "chat_template", None))
 
-    def translate(batch: list[str], language: str) -> list[str]:
-        prompts = [f"Translate this text into {language}. Reply with the translation only.\n\n{t}" for t in batch]
-        return generate_text(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens)
+    def translate(batch: list[str], source: str, target: str) -> list[str]:
+        prompts = [f"Translate the following {source} text into {target}. Reply with the {target} translation only."
+                   f"\n\n{t}" for t in batch]
+        replies = generate_text(model, tokenizer, prompts, chat=chat, max_new_tokens=max_new_tokens)
+        return [reply.strip().split("\n\n")[0].strip() for reply in replies]
 
     results: list[str] = []
     for start in range(0, len(texts), batch_size):
         batch = list(texts[start : start + batch_size])
-        back = translate(translate(batch, pivot), "English")
-        results.extend(b.strip() or t for b, t in zip(back, batch))
+        back = translate(translate(batch, "English", pivot), pivot, "English")
+        results.extend(b or t for b, t in zip(back, batch))
     return results

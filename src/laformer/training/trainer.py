@@ -305,6 +305,7 @@ class Trainer:
         self.model.eval()
         loss_sum, count, probs, labels = 0.0, 0, [], []
         order = sorted(range(len(dataset)), key=self._lengths(dataset).__getitem__)  # less padding
+        order = order[self.rank :: self.world_size]  # each rank scores its share; gathered below
         for start in range(0, len(order), self.args.eval_batch_size):
             indices = order[start : start + self.args.eval_batch_size]
             batch = {k: v.to(self.device) for k, v in self.collator([dataset[i] for i in indices]).items()}
@@ -316,6 +317,8 @@ class Trainer:
                 probs.extend(zip(indices, out.logits.float().softmax(-1).cpu()))
                 labels.extend(zip(indices, batch["labels"].cpu().tolist()))
         self.model.train(was_training)
+        if self.world_size > 1:
+            loss_sum, count, probs, labels = self._gather_predictions(loss_sum, count, probs, labels)
         result: dict[str, Any] = {"loss": loss_sum / max(count, 1)}
         if probs:
             probs_tensor = torch.stack([p for _, p in sorted(probs, key=lambda x: x[0])])
@@ -323,6 +326,13 @@ class Trainer:
             result["preds"] = probs_tensor.argmax(-1).tolist()
             result["labels"] = [label for _, label in sorted(labels)]
         return result
+
+    def _gather_predictions(self, loss_sum: float, count: int, probs: list, labels: list) -> tuple[float, int, list, list]:
+        """Every rank's share of an evaluation, combined on every rank (so all of them agree on early stopping)."""
+        shares: list[Any] = [None] * self.world_size
+        dist.all_gather_object(shares, (loss_sum, count, probs, labels))
+        return (sum(s[0] for s in shares), sum(s[1] for s in shares),
+                [p for s in shares for p in s[2]], [y for s in shares for y in s[3]])
 
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, Any]:
         """Validation metrics: loss (and perplexity), or accuracy, macro-F1 and the classification report."""
