@@ -50,6 +50,9 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 QUESTION = " What is the pass key? The pass key is"
 
 
+clock = time.perf_counter  # --clock cpu: time.process_time, this process's CPU seconds (see main)
+
+
 class Timed:
     """Wraps an attention backend and accumulates the seconds spent inside it."""
 
@@ -57,9 +60,9 @@ class Timed:
         self.backend, self.seconds = backend, 0.0
 
     def __call__(self, q, k, v, mask, *, layer_idx, cache):
-        start = time.perf_counter()
+        start = clock()
         out = self.backend(q, k, v, mask, layer_idx=layer_idx, cache=cache)
-        self.seconds += time.perf_counter() - start
+        self.seconds += clock() - start
         return out
 
 
@@ -96,10 +99,10 @@ def decode_speed(model, context: int, methods: list[str], steps: int) -> dict[st
         for _ in range(2):  # warm-up; the first AMA step also summarises the whole cache
             model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
         timed.seconds = 0.0
-        start = time.perf_counter()
+        start = clock()
         for _ in range(steps):
             model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        total = time.perf_counter() - start
+        total = clock() - start
         results[method] = {"decode_ms": 1000 * total / steps, "attn_ms": 1000 * timed.seconds / steps}
     model.decoder.set_attention(None)
     return results
@@ -120,10 +123,10 @@ def kernel_speed(model, context: int, methods: list[str], repeats: int = 20) -> 
         config = METHODS[method]
         backend = sdpa_attention if config is None else config.build_backend(model.decoder)
         backend(q, k, v, None, layer_idx=0, cache=cache)  # warm-up, summaries
-        start = time.perf_counter()
+        start = clock()
         for _ in range(repeats):
             backend(q, k, v, None, layer_idx=0, cache=cache)
-        results[method] = 1000 * (time.perf_counter() - start) / repeats
+        results[method] = 1000 * (clock() - start) / repeats
     return results
 
 
@@ -153,13 +156,35 @@ def perplexity(model, windows: list[torch.Tensor], method: str) -> tuple[float, 
     nll, count, seconds = 0.0, 0, 0.0
     for ids in windows:
         scored = len(ids) // 4
-        start = time.perf_counter()
+        start = clock()
         logits = model(ids[None], logits_to_keep=scored + 1).logits[0, :-1].float()
-        seconds += time.perf_counter() - start
+        seconds += clock() - start
         nll += F.cross_entropy(logits, ids[-scored:], reduction="sum").item()
         count += scored
     model.decoder.set_attention(None)
     return math.exp(nll / count), seconds / len(windows)
+
+
+@torch.no_grad()
+def perplexity_shared(model, windows: list[torch.Tensor], methods: list[str]) -> dict[str, float]:
+    """Perplexity over the last quarter of every window when only the scored tokens run under the method: the
+    first three quarters are prefilled once with full attention, as in the passkey test and in decoding after
+    an exact prefill."""
+    nll, count = dict.fromkeys(methods, 0.0), 0
+    for ids in windows:
+        scored = len(ids) // 4
+        split = len(ids) - scored - 1  # the last context token's logits predict the first scored token
+        cache = SlicedKVCache(model.config.num_hidden_layers, SLICE, capacity=len(ids) + SLICE)
+        use(model, "full")
+        model(ids[None, :split], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for method in methods:
+            use(model, method)
+            cache.crop(split)
+            logits = model(ids[None, split:], past_key_values=cache, use_cache=True).logits[0, :-1].float()
+            nll[method] += F.cross_entropy(logits, ids[-scored:], reduction="sum").item()
+        count += scored
+    model.decoder.set_attention(None)
+    return {m: math.exp(nll[m] / count) for m in methods}
 
 
 # ---------------------------------------------------------------- passkey
@@ -193,24 +218,40 @@ def answer(model, prompt: list[int], cache: SlicedKVCache | None, start: int, ne
 
 @torch.no_grad()
 def passkey(model, tokenizer, context: int, methods: list[str], trials: int, shared: bool) -> dict[str, float]:
+    """Accuracy (%) per method over ``trials`` keys at depths 0..100%. With ``shared``, the prompt body is
+    prefilled once per trial with full attention; trials run from the deepest key up, so the filler before
+    each key is already in the cache (a causal model's prefix does not depend on what follows)."""
     rng = random.Random(context)
+    trial_keys = [(trial / max(1, trials - 1), str(rng.randint(10000, 99999))) for trial in range(trials)]
     hits = {m: 0 for m in methods}
-    for trial in range(trials):
-        depth = trial / max(1, trials - 1)
-        key = str(rng.randint(10000, 99999))
+    cache = SlicedKVCache(model.config.num_hidden_layers, SLICE, capacity=context + 16) if shared else None
+    cached = 0  # tokens in ``cache`` that are pure filler, valid for any later (shallower) key
+    for depth, key in sorted(trial_keys, reverse=True):
         prompt, question = passkey_prompt(tokenizer, context - 8, depth, key)  # room for the answer
-        cache, start = None, 0
+        start = 0
         if shared:
-            cache = SlicedKVCache(model.config.num_hidden_layers, SLICE, capacity=context + 16)
             start = len(prompt) - question
+            at = prompt_key_position(tokenizer, prompt, key)
+            cached = min(cached, at)
+            cache.crop(cached)
             use(model, "full")
-            model(torch.tensor([prompt[:start]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(torch.tensor([prompt[cached:start]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cached = at
         for method in methods:
             use(model, method)
             text = tokenizer.decode(answer(model, prompt, cache, start, 7))
             hits[method] += key in re.sub(r"\s", "", text)
     model.decoder.set_attention(None)
     return {m: 100.0 * hits[m] / trials for m in methods}
+
+
+def prompt_key_position(tokenizer, prompt: list[int], key: str) -> int:
+    """Where the needle starts in a passkey prompt: everything before it is filler."""
+    needle = tokenizer.encode(f" The pass key is {key}.", add_special_tokens=False)
+    for at in range(len(prompt) - len(needle) + 1):
+        if prompt[at : at + len(needle)] == needle:
+            return at
+    raise ValueError(f"pass key {key} not found in its prompt")
 
 
 # ---------------------------------------------------------------- driver
@@ -246,6 +287,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ppl-windows", type=int, default=6, help="perplexity windows per context")
     parser.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per method")
     parser.add_argument("--passkey-prefill", choices=("shared", "method"), default="shared")
+    parser.add_argument("--ppl-prefill", choices=("method", "shared"), default="method",
+                        help="method: the whole window runs under the method (block-sparse prefill); shared: the "
+                        "first three quarters are prefilled with full attention, the scored quarter under the method")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time, steadier than wall time on a shared machine "
+                        "(use with --threads 1)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="quality at 1k and 2k only, 5 trials, 2 windows, "
                         "8 decode steps")
@@ -257,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
         args.trials, args.ppl_windows, args.decode_tokens = 5, 2, 8
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        global clock
+        clock = time.process_time
     contexts = [int(c) for c in args.contexts.split(",") if c.isdigit()]
     quality = [int(c) for c in (args.quality_contexts or args.contexts).split(",") if c.isdigit()]  # "none": skip
     methods = args.methods.split(",")
@@ -276,7 +326,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{context}] decode timed", file=sys.stderr)
         if context in quality:
             windows = text_windows(tokenizer, context, args.ppl_windows)
-            for method in methods:
+            if args.ppl_prefill == "shared":
+                distinct = [m for m in methods if not same_as_full(m, context)]
+                for method, ppl in perplexity_shared(model, windows, distinct).items():
+                    print(f"[{context}] {method} ppl (shared prefill) {ppl:.3f}", file=sys.stderr)
+                    rows.setdefault((context, method), {})["ppl"] = ppl
+                for method in methods:
+                    if same_as_full(method, context):
+                        rows.setdefault((context, method), {})["ppl"] = rows[(context, "full")]["ppl"]
+            for method in methods if args.ppl_prefill == "method" else []:
                 row = rows.setdefault((context, method), {})
                 if same_as_full(method, context):
                     row.update({k: rows[(context, "full")][k] for k in ("ppl", "prefill_s")})

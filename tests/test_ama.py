@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from laformer import ConfigError, LaFormerConfig, LaFormerForCausalLM
-from laformer.ama import AMAConfig, MediationGate, SlicedKVCache, SelectionRecorder
+from laformer.ama import AMAConfig, MediationGate, SlicedKVCache, SelectionRecorder, kernel
 from laformer.ama.attention import AMAAttention, key_validity
 from laformer.ama.cache import summarize, update_summaries
 from laformer.attention import build_attention_mask, sdpa_attention
@@ -174,6 +174,93 @@ def test_mediation_brings_sparse_attention_closer_to_full():
                                                                                     cache=None)
         errors[mediation] = (out - full).abs().mean()
     assert errors["estimate"] < 0.8 * errors["off"]
+
+
+# ---------------------------------------------------------------- the fused decode kernel against the PyTorch path
+
+needs_kernel = pytest.mark.skipif(not kernel.available(), reason="no C compiler for the AMA kernel")
+
+
+def both_decodes(cfg: AMAConfig, q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's and the PyTorch reference's output for the same decode step."""
+    ama = AMAAttention(cfg, torch.nn.Module())
+    assert ama.fused
+    fused = ama(q, k, v, mask, layer_idx=0, cache=None)
+    ama.fused = False
+    return fused, ama(q, k, v, mask, layer_idx=0, cache=None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mediation", ["off", "estimate"])
+@pytest.mark.parametrize("score", ["bound", "mean"])
+@pytest.mark.parametrize("shape", [(1, 9, 3, 1000, 64), (2, 4, 2, 75, 16), (3, 6, 2, 203, 16), (2, 4, 4, 64, 8)])
+def test_fused_decode_equals_the_pytorch_path(mediation, score, shape):
+    B, H, Hkv, S, D = shape  # GQA groups of 3, 2 and 1; a partial last slice or none
+    q, k, v = random_qkv(B=B, H=H, Hkv=Hkv, T=1, S=S, D=D, seed=S)
+    cfg = AMAConfig(slice_len=8, budget=48, local_window=16, mediation=mediation, score=score)
+    fused, reference = both_decodes(cfg, 3 * q, k, v)  # sharper scores than unit noise
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_fused_decode_selects_the_planted_slices():
+    q, k, v = planted_keys()
+    fused, reference = both_decodes(AMAConfig(slice_len=4, budget=20, local_window=8, mediation="off"), q, k, v)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    keep = torch.zeros(48, dtype=torch.bool)
+    for s in (0, 5, 8, 10, 11):  # sink, the two planted slices, local window
+        keep[s * 4 : (s + 1) * 4] = True
+    torch.testing.assert_close(fused, sdpa_attention(q, k[:, :, keep], v[:, :, keep], None), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("mediation", ["off", "estimate"])
+def test_fused_decode_with_padding_in_a_batch(mediation):
+    q, k, v = random_qkv(B=3, H=6, Hkv=2, T=1, S=203, seed=11)
+    padding = torch.ones(3, 203, dtype=torch.bool)
+    padding[1, :13] = False  # left padding, part of a slice
+    padding[2, :70] = False  # whole slices of padding, the sink among them
+    mask = build_attention_mask(padding, 1, 203, q.device)
+    cfg = AMAConfig(slice_len=8, budget=48, local_window=16, mediation=mediation)
+    fused, reference = both_decodes(cfg, q, k, v, mask)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_fused_decode_with_every_slice_in_budget_is_full_attention():
+    q, k, v = random_qkv(T=1, S=70)
+    cfg = AMAConfig(slice_len=8, budget=80, local_window=16)
+    out = kernel.decode(q, k, v, None, update_summaries(None, k, v, None, 8), cfg)  # the kernel, not the shortcut
+    torch.testing.assert_close(out, sdpa_attention(q, k, v, None), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_fused_decode_gives_the_same_generation(tiny_model):
+    ids = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(12))
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    cfg = AMAConfig(slice_len=8, budget=32, local_window=16)
+    outputs = []
+    for fused in (True, False):
+        tiny_model.decoder.set_attention(cfg)
+        backend = tiny_model.model.layers[1].self_attn.backend
+        backend.fused = fused
+        try:
+            cache = SlicedKVCache(2, slice_len=8)
+            tiny_model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            token = ids[:, -1:]
+            full_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            outputs.append(tiny_model(token, attention_mask=full_mask, past_key_values=cache, use_cache=True).logits)
+        finally:
+            tiny_model.decoder.set_attention(None)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_decode_is_skipped_for_what_it_does_not_do():
+    for fields in (dict(sampling="gumbel"), dict(mediation="learned"), dict(return_selection=True)):
+        assert not kernel.supports(AMAConfig(slice_len=8, budget=32, local_window=16, **fields))
+    q, k, v = random_qkv(T=1)
+    assert not kernel.fits(q, k.bfloat16(), v.bfloat16())
 
 
 # ---------------------------------------------------------------- padding, cache, dtype

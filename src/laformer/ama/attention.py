@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from laformer.ama import kernel
 from laformer.ama.cache import SliceSummaries, update_summaries
 from laformer.ama.config import AMAConfig
 from laformer.attention import sdpa_attention
@@ -66,6 +67,7 @@ class AMAAttention:
         self._layout_value: tuple[torch.Tensor, ...] = ()
         if config.mediation == "learned":
             self.gates = [attach_gate(layer.self_attn) for layer in decoder.layers]
+        self.fused = kernel.supports(config)  # decode through kernel.c when the tensors allow it
 
     def __call__(
         self,
@@ -87,6 +89,8 @@ class AMAAttention:
         summaries = update_summaries(state, k, v, valid, cfg.slice_len)
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         gate = self.gates[layer_idx] if self.gates is not None else None
+        if T == 1 and self.fused and self.recorder is None and kernel.fits(q, k, v):
+            return kernel.decode(q, k, v, valid, summaries, cfg)
         if T == 1:
             out = self._decode(q.to(dtype), k, v, valid, summaries, layer_idx, gate)
         else:
@@ -95,15 +99,18 @@ class AMAAttention:
 
     # ------------------------------------------------------------------ selection
 
-    def _layout(self, first: int, blocks: int, n_cols: int, n_full: int, device) -> tuple[torch.Tensor, ...]:
-        """Which slices each query block must keep (sinks, local window) and which it may choose from.
+    def _layout(
+        self, first: int, blocks: int, per_slice: int, n_cols: int, n_full: int, device
+    ) -> tuple[torch.Tensor, ...]:
+        """Which slices each query block must keep (sinks, local window) and which it may choose from; block
+        ``i`` lies in slice ``first + i // per_slice``.
 
         Depends only on positions, so it is computed once per step and shared by every layer.
         """
-        key = (first, blocks, n_cols, n_full, device)
+        key = (first, blocks, per_slice, n_cols, n_full, device)
         if self._layout_key != key:
             cfg = self.config
-            own = torch.arange(first, first + blocks, device=device)
+            own = torch.arange(blocks, device=device) // per_slice + first
             j = torch.arange(n_cols, device=device)
             local_start = (own - cfg.local_slices + 1).clamp_min(0)[:, None]  # (Q, 1)
             sink_end = local_start.clamp_max(cfg.sink_slices)
@@ -113,9 +120,10 @@ class AMAAttention:
         return self._layout_value
 
     def _plan(
-        self, qrows: torch.Tensor, positions, summaries: SliceSummaries, first: int, n_cols: int, n_pick: int
+        self, qrows: torch.Tensor, positions, summaries: SliceSummaries, first: int, n_cols: int, n_pick: int,
+        per_slice: int = 1,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Choose slices for Q query blocks, block ``i`` holding the queries of slice ``first + i``.
+        """Choose slices for Q query blocks, block ``i`` holding queries of slice ``first + i // per_slice``.
 
         ``qrows`` (B, H_kv, Q, R, D) are the blocks' queries, one row per (group head, position), zero rows
         being block padding; ``positions`` the real queries per block (a number or (Q, 1)). Scores are summed
@@ -125,7 +133,7 @@ class AMAAttention:
         """
         cfg, s = self.config, summaries
         Fs, dtype = s.num_slices, qrows.dtype
-        cand_bias, prio_bias, pseudo_base = self._masks(s, first, qrows.shape[2], n_cols, qrows.device)
+        cand_bias, prio_bias, pseudo_base = self._masks(s, first, qrows.shape[2], per_slice, n_cols, qrows.device)
         if cfg.score == "bound":  # sum_d max(q_d kmin_d, q_d kmax_d) = q . center + |q| . radius
             q_agg = torch.cat([qrows, qrows.abs()], -1).sum(3)  # (B, H_kv, Q, 2D)
         else:
@@ -143,13 +151,15 @@ class AMAAttention:
         top = priority.topk(min(n_pick, n_cols), dim=-1)
         return probs, top.indices, top.values > NEG_INF, pseudo_base
 
-    def _masks(self, s: SliceSummaries, first: int, blocks: int, n_cols: int, device) -> tuple[torch.Tensor, ...]:
+    def _masks(
+        self, s: SliceSummaries, first: int, blocks: int, per_slice: int, n_cols: int, device
+    ) -> tuple[torch.Tensor, ...]:
         """Per-layer masks that only change when a slice fills, each (B, 1, Q, n_cols): the candidate bias (0 or
         -inf), the selection priority bias (+inf for kept slices, 0 for candidates, -inf otherwise), and the
         pseudo-token bias base, log(count) on candidates and -inf elsewhere."""
-        key = (first, blocks, n_cols)
+        key = (first, blocks, per_slice, n_cols)
         if s.cache.get("masks_key") != key:
-            forced, choosable = self._layout(first, blocks, n_cols, s.num_slices, device)
+            forced, choosable = self._layout(first, blocks, per_slice, n_cols, s.num_slices, device)
             cand = F.pad(choosable & (s.count[:, :, None, :] > 0), (0, n_cols - s.num_slices))  # (B, 1, Q, n_cols)
             cand_bias = torch.zeros(cand.shape, device=device).masked_fill_(~cand, NEG_INF)
             log_count = F.pad(s.log_count, (0, n_cols - s.num_slices))[:, :, None]
@@ -204,21 +214,22 @@ class AMAAttention:
     # ------------------------------------------------------------------ prefill: block-sparse
 
     def _prefill(self, q, k, v, mask, summaries, layer_idx, gate) -> torch.Tensor:
-        cfg, L = self.config, self.config.slice_len
+        cfg, L, Lq = self.config, self.config.slice_len, self.config.prefill_block
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         G, Fs = H // Hkv, summaries.num_slices
         P0 = S - T  # position of the first query
         c0, N = P0 // L, -(-S // L)
-        nb, front, back = N - c0, P0 - c0 * L, N * L - S
-        # Queries padded to whole blocks, rows of a block ordered (group head, position): (B, H_kv, nb, G*L, D)
-        qb = F.pad(q, (0, 0, front, back)).view(B, Hkv, G, nb, L, D).transpose(2, 3).reshape(B, Hkv, nb, G * L, D)
+        per_slice = L // Lq
+        nb, front, back = (N - c0) * per_slice, P0 - c0 * L, N * L - S  # nb query blocks of Lq queries
+        # Queries padded to whole slices, rows of a block ordered (group head, position): (B, H_kv, nb, G*Lq, D)
+        qb = F.pad(q, (0, 0, front, back)).view(B, Hkv, G, nb, Lq, D).transpose(2, 3).reshape(B, Hkv, nb, G * Lq, D)
         kb = F.pad(k, (0, 0, 0, back)).unflatten(2, (N, L))  # (B, H_kv, N, L, D)
         vb = F.pad(v, (0, 0, 0, back)).unflatten(2, (N, L))
-        own = torch.arange(c0, N, device=q.device)
+        start_pos = c0 * L + torch.arange(nb, device=q.device) * Lq  # first position of each query block
         n_pick = min(cfg.budget_slices, N)
-        positions = (torch.clamp(own * L + L, max=S) - torch.clamp(own * L, min=P0)).clamp_min(1)[:, None]
-        probs, idx, ok, pseudo_base = self._plan(qb, positions, summaries, c0, N, n_pick)
+        positions = (torch.clamp(start_pos + Lq, max=S) - torch.clamp(start_pos, min=P0)).clamp_min(1)[:, None]
+        probs, idx, ok, pseudo_base = self._plan(qb, positions, summaries, c0, N, n_pick, per_slice)
         if self.recorder is not None:
             self._record(layer_idx, S, probs, idx, ok, N)
         mediate = cfg.mediation != "off"
@@ -228,7 +239,7 @@ class AMAAttention:
         h = torch.arange(Hkv, device=q.device)[None, :, None, None]
         offsets = torch.arange(L, device=q.device)
         n_keys = n_pick * L + (Fs if mediate else 0)
-        chunk = max(1, BLOCK_CHUNK_ELEMENTS // (B * Hkv * (L * n_keys + 2 * n_keys * D)))
+        chunk = max(1, BLOCK_CHUNK_ELEMENTS // (B * Hkv * (Lq * n_keys + 2 * n_keys * D)))
         outs = []
         for start in range(0, nb, chunk):
             blk = slice(start, min(start + chunk, nb))
@@ -237,29 +248,29 @@ class AMAAttention:
             keys = kb[b, h, sel].flatten(3, 4)  # (B, H_kv, C, n*L, D): only the chosen slices are read
             values = vb[b, h, sel].flatten(3, 4)
             key_pos = (sel[..., None] * L + offsets).flatten(3)  # (B, H_kv, C, n*L)
-            q_pos = own[blk, None] * L + offsets  # (C, L)
+            q_pos = start_pos[blk, None] + offsets[:Lq]  # (C, Lq)
             allowed = (key_pos[:, :, :, None, :] <= q_pos[:, :, None]) & sel_ok.repeat_interleave(L, -1)[:, :, :, None]
             if mask is not None:
                 q_row = (q_pos - P0).clamp(0, T - 1)[None, None, :, :, None]
                 allowed = allowed & mask[:, 0][b[..., None], q_row, key_pos.clamp_max(S - 1)[:, :, :, None, :]]
             bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, NEG_INF)
-            bias = bias[:, :, :, None]  # (B, H_kv, C, 1, L, n*L): one mask for the group's heads
+            bias = bias[:, :, :, None]  # (B, H_kv, C, 1, Lq, n*L): one mask for the group's heads
             if mediate:
                 keys = torch.cat([keys, summaries.kmean[:, :, None].expand(-1, -1, C, -1, -1).to(keys.dtype)], 3)
                 values = torch.cat([values, summaries.vmean[:, :, None].expand(-1, -1, C, -1, -1).to(keys.dtype)], 3)
                 rows = pseudo.shape[3]  # 1, or G with a per-head learned gate
                 bias = torch.cat([bias.expand(-1, -1, -1, rows, -1, -1),
-                                  pseudo[:, :, blk, :, None].expand(-1, -1, -1, -1, L, -1)], -1)
+                                  pseudo[:, :, blk, :, None].expand(-1, -1, -1, -1, Lq, -1)], -1)
             n = keys.shape[3]
             # Each (batch, KV head, block) is one SDPA batch row; its G query heads share the keys and the mask.
             out = F.scaled_dot_product_attention(
-                qb[:, :, blk].reshape(B * Hkv * C, G, L, D),
+                qb[:, :, blk].reshape(B * Hkv * C, G, Lq, D),
                 keys.reshape(B * Hkv * C, 1, n, D).to(q.dtype).expand(-1, G, -1, -1),
                 values.reshape(B * Hkv * C, 1, n, D).to(q.dtype).expand(-1, G, -1, -1),
-                attn_mask=bias.reshape(B * Hkv * C, bias.shape[3], L, n),
+                attn_mask=bias.reshape(B * Hkv * C, bias.shape[3], Lq, n),
             )
-            outs.append(out.view(B, Hkv, C, G * L, D))
-        out = torch.cat(outs, 2).view(B, Hkv, nb, G, L, D).transpose(2, 3).reshape(B, H, nb * L, D)
+            outs.append(out.view(B, Hkv, C, G * Lq, D))
+        out = torch.cat(outs, 2).view(B, Hkv, nb, G, Lq, D).transpose(2, 3).reshape(B, H, nb * Lq, D)
         return out[:, :, front : front + T]
 
     # ------------------------------------------------------------------ mediation

@@ -34,6 +34,7 @@ class AMAConfig:
     mediation: str = "estimate"  # "off" | "estimate" (training-free) | "learned" (trainable gate)
     sampling: str = "topk"  # "topk" (deterministic) | "gumbel" (stochastic top-k, for training)
     dense_layers: int = 0  # the first N layers keep full attention
+    query_block: int = 32  # prefill: consecutive queries sharing one selection (capped at slice_len)
     return_selection: bool = False  # record slice probabilities and choices in ``recorder``
     recorder: SelectionRecorder | None = field(default=None, compare=False, repr=False)
 
@@ -49,6 +50,11 @@ class AMAConfig:
             raise ConfigError(
                 f"AMA local_window ({self.local_window}) must cover at least the query's own slice; "
                 f"set it to a multiple of slice_len >= {self.slice_len}"
+            )
+        if self.query_block < 1 or self.slice_len % self.prefill_block:
+            raise ConfigError(
+                f"AMA query_block ({self.query_block}) must divide slice_len ({self.slice_len}), so that a "
+                f"block of queries lies inside one slice; use a power of two <= {self.slice_len}"
             )
         if self.sink_slices < 0 or self.dense_layers < 0:
             raise ConfigError("AMA sink_slices and dense_layers must be >= 0")
@@ -76,6 +82,11 @@ class AMAConfig:
     @property
     def local_slices(self) -> int:
         return self.local_window // self.slice_len
+
+    @property
+    def prefill_block(self) -> int:
+        """Queries that share one selection in prefill: ``query_block``, at most one slice."""
+        return min(self.query_block, self.slice_len)
 
     @property
     def num_selected(self) -> int:
