@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -86,6 +87,19 @@ def test_kernel_is_built_on_x86():
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("no AVX2: the fallback is used")
     assert kernels.available()
+    if shutil.which("g++") or shutil.which("c++"):
+        assert kernels.backend() == "native"  # the C++ operator, not the slower-to-call ctypes one
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_ctypes_kernel_equals_the_operator(bits):
+    """The ctypes build is the fallback when the C++ operator cannot be built: same kernel, same numbers."""
+    if not kernels.available():
+        pytest.skip("no kernel on this machine")
+    layer = (WeightOnlyInt8Linear.from_float(random_linear(256, 80), 64) if bits == 8
+             else WeightOnlyInt4Linear.from_float(random_linear(256, 80), 64))
+    args = (torch.randn(6, 256), layer.qweight, layer.scales, getattr(layer, "mins", None), bits, 64)
+    assert torch.equal(kernels.qgemm(*args), kernels.ctypes_kernel()(*args))
 
 
 def test_int4_pack_roundtrip_and_ggml_order():

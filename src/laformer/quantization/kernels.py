@@ -1,12 +1,18 @@
-"""The compiled small-batch kernel (``qgemm.c``), built with the system C compiler at first use and cached.
+"""The small-batch kernel (``qgemm.c``) as the PyTorch operator ``laformer::qgemm``, built at first use and cached.
 
 PyTorch's own weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) measured 3-30x
 slower than a float32 matmul here (bench/quantize.py), and FBGEMM's dynamic int8 linear, though fast, quantizes
 the activations per tensor (+183% perplexity on SmolLM2-135M), so decode uses this ~100-line AVX2 kernel: 6-8x
 faster than float32 on a SmolLM2 linear at batch 1, 1.0-1.7x at 8 rows (above that, dequantize + matmul).
-It is plain C called through ctypes (no torch headers), so the build takes about a second. Without a compiler,
-on a CPU without AVX2, or with ``LAFORMER_NO_KERNELS=1``, ``available()`` is False and the quantized layers fall
-back to dequantize-then-matmul (correct, slower).
+
+The operator's CPU implementation is, in order of preference:
+- native: ``qgemm_op.cpp`` (the C kernel plus a ``TORCH_LIBRARY_IMPL``) built with the C++ compiler against
+  torch's headers (~10 s, once per torch version); a call costs ~4 us, where the next option costs ~20 us, which
+  at 121 calls per decode step was 15-20% of a SmolLM2 token;
+- ctypes: the plain C kernel built with the C compiler (~1 s) and called from Python;
+- none: without a compiler, on a CPU without AVX2, or with ``LAFORMER_NO_KERNELS=1``, ``available()`` is False
+  and the quantized layers fall back to dequantize-then-matmul (correct, slower).
+``LAFORMER_NO_NATIVE_OP=1`` skips the native build (the ctypes kernel is then used).
 """
 
 from __future__ import annotations
@@ -25,7 +31,17 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qgemm.c")
+OP_SOURCE = Path(__file__).with_name("qgemm_op.cpp")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+# The schema and shape function live here, so the operator exists (and traces) whichever implementation is loaded.
+_LIBRARY = torch.library.Library("laformer", "DEF")
+_LIBRARY.define("qgemm(Tensor x, Tensor qweight, Tensor scales, Tensor? mins, int bits, int group_size) -> Tensor")
+
+
+@torch.library.register_fake("laformer::qgemm", lib=_LIBRARY)
+def _(x, qweight, scales, mins, bits, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
 def cache_dir() -> Path:
@@ -41,13 +57,14 @@ def _cpu_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def _build() -> Path:
-    source = SOURCE.read_bytes()
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+def _compile(name: str, compiler_names: tuple[str, ...], env_var: str, sources: list[Path], flags: list[str],
+             tag: str = "") -> Path:
+    """Build ``sources`` into a cached shared library; the cache key covers sources, compiler, flags and ``tag``."""
+    compiler = os.environ.get(env_var) or next(filter(None, map(shutil.which, compiler_names)), None)
     if compiler is None:
-        raise OSError("no C compiler (gcc or cc) on PATH")
-    digest = hashlib.sha256(source + " ".join([compiler, *CFLAGS]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"qgemm-{digest}.so"
+        raise OSError(f"no compiler ({' or '.join(compiler_names)}) on PATH")
+    key = b"".join(src.read_bytes() for src in sources) + " ".join([compiler, *flags, tag]).encode()
+    target = cache_dir() / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -55,54 +72,79 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *map(str, sources), *flags, "-o", tmp], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     except subprocess.CalledProcessError as exc:
-        raise OSError(f"{compiler} failed: {exc.stderr.strip()[:500]}") from exc
+        raise OSError(f"{compiler} failed: {exc.stderr.strip()[-500:]}") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
 
 
+def _load_native() -> None:
+    """Build ``qgemm_op.cpp`` against this torch and register it as the operator's CPU kernel."""
+    from torch.utils import cpp_extension
+
+    torch_lib = cpp_extension.library_paths()[0]
+    flags = [*CFLAGS, "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             *(f"-I{path}" for path in cpp_extension.include_paths()), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}",
+             "-lc10", "-ltorch_cpu"]
+    torch.ops.load_library(str(_compile("qgemm-op", ("g++", "c++"), "CXX", [OP_SOURCE], flags, torch.__version__)))
+
+
 @functools.cache
-def _library():
-    if os.environ.get("LAFORMER_NO_KERNELS") or not _cpu_supported():
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except OSError as exc:
-        warnings.warn(f"laformer: quantized kernel unavailable ({exc}); using the slower dequantize fallback",
-                      stacklevel=3)
-        return None
-    fn = lib.laformer_qgemm
+def ctypes_kernel():
+    """The C kernel through ctypes, as a function with the operator's signature (builds it on first call)."""
+    fn = ctypes.CDLL(str(_compile("qgemm", ("gcc", "cc"), "CC", [SOURCE], CFLAGS))).laformer_qgemm
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
-    return fn
+
+    def qgemm_ctypes(x, qweight, scales, mins, bits, group_size):
+        M, K = x.shape
+        N = qweight.shape[0]
+        y = torch.empty(M, N, dtype=torch.float32)
+        fn(bits, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
+           y.data_ptr(), M, N, K, group_size, torch.get_num_threads())
+        return y
+
+    return qgemm_ctypes
 
 
-@torch.compiler.assume_constant_result  # read once while tracing, so a compiled step never calls ctypes here
+@functools.cache
+def backend() -> str | None:
+    """Which implementation backs ``laformer::qgemm`` here: "native", "ctypes" or None (none could be built)."""
+    if os.environ.get("LAFORMER_NO_KERNELS") or not _cpu_supported():
+        return None
+    problems = []
+    if not os.environ.get("LAFORMER_NO_NATIVE_OP"):
+        try:
+            _load_native()
+            return "native"
+        except (OSError, RuntimeError) as exc:
+            problems.append(f"native operator: {exc}")
+    try:
+        _LIBRARY.impl("qgemm", ctypes_kernel(), "CPU")
+    except OSError as exc:
+        warnings.warn(f"laformer: quantized kernel unavailable ({'; '.join([*problems, str(exc)])}); using the "
+                      "slower dequantize fallback", stacklevel=3)
+        return None
+    if problems:
+        warnings.warn(f"laformer: {problems[0]}; using the ctypes kernel (slower per call)", stacklevel=3)
+    return "ctypes"
+
+
+@torch.compiler.assume_constant_result  # read once while tracing, so a compiled step never calls it
 def available() -> bool:
-    """True when the compiled kernel can be used on this machine (builds it on first call)."""
-    return _library() is not None
+    """True when the kernel can be used on this machine (builds and registers it on first call)."""
+    return backend() is not None
 
 
-# A custom op, not a bare ctypes call, so torch.compile keeps the kernel as one opaque node in the graph.
-@torch.library.custom_op("laformer::qgemm", mutates_args=())
 def qgemm(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int, group_size: int
 ) -> torch.Tensor:
-    """(M, K) float32 @ dequantized (N, K) weights^T -> (M, N) float32; all inputs contiguous, on the CPU."""
-    M, K = x.shape
-    N = qweight.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    _library()(
-        bits, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
-        y.data_ptr(), M, N, K, group_size, torch.get_num_threads(),
-    )
-    return y
+    """(M, K) float32 @ dequantized (N, K) weights^T -> (M, N) float32; all inputs contiguous, on the CPU.
 
-
-@qgemm.register_fake
-def _(x, qweight, scales, mins, bits, group_size):
-    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
+    Call only when ``available()``; torch.compile keeps the operator as one opaque node in its graph.
+    """
+    return torch.ops.laformer.qgemm.default(x, qweight, scales, mins, bits, group_size)
