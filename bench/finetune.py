@@ -64,25 +64,21 @@ def padded_batches(folder: str, texts: list[str], labels: list[int], side: str) 
 
 # -- the two sides ---------------------------------------------------------------------------------------
 
-def load_laformer(folder: str, head: torch.Tensor):
+def load_laformer(folder: str):
     from laformer import LaFormerForSequenceClassification
-    from laformer.peft import LoraConfig, get_peft_model
+    from laformer.peft import load_adapter
 
     model = LaFormerForSequenceClassification.from_pretrained(folder, id2label=dict(enumerate(LABELS)), pad_token_id=2)
-    model.score.weight.data.copy_(head)
-    return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+    return load_adapter(model, Path(folder) / "initial_adapter")
 
 
-def load_transformers(folder: str, head: torch.Tensor):
+def load_transformers(folder: str):
     import peft
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32)
     model.config.pad_token_id = 2
-    model.score.weight.data.copy_(head)
-    config = peft.LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                             target_modules=["q_proj", "v_proj"])
-    return peft.get_peft_model(model, config)
+    return peft.PeftModel.from_pretrained(model, str(Path(folder) / "initial_adapter"), is_trainable=True)
 
 
 def train_steps(model, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -117,12 +113,11 @@ def accuracy(model, folder: str, texts: list[str], labels: list[int]) -> float:
 def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    head = torch.load(Path(args.folder) / "head.pt")
     load = load_laformer if args.side == "laformer" else load_transformers
     if args.mode in ("right", "left"):
         texts, labels = read_split("train", (args.steps + 1) * BATCH, seed=1)
         batches = padded_batches(args.folder, texts, labels, args.mode)
-        model = load(args.folder, head)
+        model = load(args.folder)
         seconds = train_steps(model, batches)
         measured = batches[1:]
         val_texts, val_labels = read_split("validation", args.eval)
@@ -133,15 +128,15 @@ def worker(args: argparse.Namespace) -> dict:
                 "val_accuracy": accuracy(model, args.folder, val_texts, val_labels) if args.mode == "right" else None}
     texts, labels = read_split("train", args.pass_examples, seed=2)
     if args.side == "laformer":
-        return laformer_pass(args, head, texts, labels)
-    return padded_pass(args, head, texts, labels)
+        return laformer_pass(args, texts, labels)
+    return padded_pass(args, texts, labels)
 
 
-def laformer_pass(args, head, texts, labels) -> dict:
+def laformer_pass(args, texts, labels) -> dict:
     from laformer.tokenizer import LaFormerTokenizer
     from laformer.training import ClassificationDataset, Trainer, TrainingArguments
 
-    model = load_laformer(args.folder, head)
+    model = load_laformer(args.folder)
     tokenizer = LaFormerTokenizer.from_pretrained(args.folder)
     start = time.perf_counter()
     dataset = ClassificationDataset(texts, labels, tokenizer, max_length=LENGTH)
@@ -153,7 +148,7 @@ def laformer_pass(args, head, texts, labels) -> dict:
     return {"seconds": seconds, "extrapolated": False, "steps": -(-len(texts) // BATCH), "peak_rss_gb": peak_rss_gb()}
 
 
-def padded_pass(args, head, texts, labels) -> dict:
+def padded_pass(args, texts, labels) -> dict:
     """The brief's section 5.2 loop: a Dataset padding each text to 128, DataLoader(shuffle=True), AdamW."""
     from torch.utils.data import DataLoader, Dataset
     from transformers import AutoTokenizer
@@ -169,7 +164,7 @@ def padded_pass(args, head, texts, labels) -> dict:
             return {"input_ids": enc["input_ids"][0], "attention_mask": enc["attention_mask"][0],
                     "labels": torch.tensor(labels[i])}
 
-    model = load_transformers(args.folder, head)
+    model = load_transformers(args.folder)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     model.train()
     loader = DataLoader(TextClassificationDataset(), batch_size=BATCH, shuffle=True)
@@ -194,14 +189,21 @@ def padded_pass(args, head, texts, labels) -> dict:
 # -- the driver --------------------------------------------------------------------------------------------
 
 def prepare(folder: Path) -> None:
-    """The default model as a Hugging Face folder both sides load, and one shared random classifier head."""
-    from laformer import LaFormerForCausalLM
+    """The default model as a Hugging Face folder both sides load, and one initial LoRA + head both start from.
+
+    The initial adapter is written in PEFT's format (laformer's ``save_adapter``), so the two sides train the same
+    starting weights and the accuracy comparison measures the training, not the luck of two random inits.
+    """
+    from laformer import LaFormerForCausalLM, LaFormerForSequenceClassification
+    from laformer.peft import LoraConfig, get_peft_model, save_adapter
     from laformer.tokenizer import LaFormerTokenizer
 
     LaFormerForCausalLM.from_pretrained("smollm2-135m-instruct").save_pretrained(folder)
     LaFormerTokenizer.from_pretrained("smollm2-135m-instruct").save_pretrained(folder)
     torch.manual_seed(0)
-    torch.save(torch.randn(2, 576) * 0.02, folder / "head.pt")
+    model = LaFormerForSequenceClassification.from_pretrained(folder, id2label=dict(enumerate(LABELS)), pad_token_id=2)
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+    save_adapter(model, folder / "initial_adapter")
 
 
 def launch(args: argparse.Namespace, mode: str, folder: Path) -> dict[str, dict]:
