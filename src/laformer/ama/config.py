@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 SCORES = ("bound", "mean")
 MEDIATIONS = ("off", "estimate", "learned")
 SAMPLINGS = ("topk", "gumbel")
+LOCAL_SHARE = 0.75  # of the budget, for the local window when none is given
 
 
 @dataclass
@@ -24,31 +25,35 @@ class AMAConfig:
     sinks), a local window of ``local_window`` tokens (the query's own slice and the ones before it), and as
     many of the most probable remaining slices as fit. ``local_window = budget - sink_slices * slice_len`` gives
     the StreamingLLM-style sinks + window baseline (no slice is selected).
+
+    The defaults come from perplexity at 4k and 8k tokens on SmolLM2-135M (docs/ama.md): a small model draws
+    most of its next-token evidence from the recent past, so the local window gets LOCAL_SHARE of the budget,
+    and a selection per 8 prefill queries chooses as well as one per query.
     """
 
     slice_len: int = 32
     budget: int = 1024
     sink_slices: int = 1
-    local_window: int = 128
+    local_window: int | None = None  # None: LOCAL_SHARE of the budget, in whole slices (see ``local_tokens``)
     score: str = "bound"  # "bound": min/max upper bound of q.k; "mean": q . mean key
     mediation: str = "estimate"  # "off" | "estimate" (training-free) | "learned" (trainable gate)
     sampling: str = "topk"  # "topk" (deterministic) | "gumbel" (stochastic top-k, for training)
     dense_layers: int = 0  # the first N layers keep full attention
-    query_block: int = 32  # prefill: consecutive queries sharing one selection (capped at slice_len)
+    query_block: int = 8  # prefill: consecutive queries sharing one selection (capped at slice_len)
     return_selection: bool = False  # record slice probabilities and choices in ``recorder``
     recorder: SelectionRecorder | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.slice_len < 1:
             raise ConfigError(f"AMA slice_len must be >= 1, got {self.slice_len}; 32-128 tokens is typical")
-        if self.budget % self.slice_len or self.local_window % self.slice_len:
+        if self.budget % self.slice_len or self.local_tokens % self.slice_len:
             raise ConfigError(
-                f"AMA budget ({self.budget}) and local_window ({self.local_window}) must be multiples of "
+                f"AMA budget ({self.budget}) and local_window ({self.local_tokens}) must be multiples of "
                 f"slice_len ({self.slice_len}), since whole slices are attended; round them to a multiple"
             )
-        if self.local_window < self.slice_len:
+        if self.local_tokens < self.slice_len:
             raise ConfigError(
-                f"AMA local_window ({self.local_window}) must cover at least the query's own slice; "
+                f"AMA local_window ({self.local_tokens}) must cover at least the query's own slice; "
                 f"set it to a multiple of slice_len >= {self.slice_len}"
             )
         if self.query_block < 1 or self.slice_len % self.prefill_block:
@@ -61,7 +66,7 @@ class AMAConfig:
         if self.num_selected < 0:
             raise ConfigError(
                 f"AMA budget {self.budget} is smaller than sinks ({self.sink_slices * self.slice_len}) + "
-                f"local window ({self.local_window}); raise the budget or shrink the window"
+                f"local window ({self.local_tokens}); raise the budget or shrink the window"
             )
         for name, value, allowed in (
             ("score", self.score, SCORES),
@@ -80,8 +85,15 @@ class AMAConfig:
         return self.budget // self.slice_len
 
     @property
+    def local_tokens(self) -> int:
+        """The local window in tokens: ``local_window``, or LOCAL_SHARE of the budget in whole slices."""
+        if self.local_window is not None:
+            return self.local_window
+        return max(1, int(self.budget * LOCAL_SHARE) // self.slice_len) * self.slice_len
+
+    @property
     def local_slices(self) -> int:
-        return self.local_window // self.slice_len
+        return self.local_tokens // self.slice_len
 
     @property
     def prefill_block(self) -> int:
@@ -96,7 +108,7 @@ class AMAConfig:
     def describe(self) -> str:
         """The budget the way the issue asks it reported: sinks + local window + selected slices x slice_len."""
         return (
-            f"budget {self.budget} = sinks {self.sink_slices * self.slice_len} + local {self.local_window} + "
+            f"budget {self.budget} = sinks {self.sink_slices * self.slice_len} + local {self.local_tokens} + "
             f"{self.num_selected} selected x {self.slice_len}"
         )
 

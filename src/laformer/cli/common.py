@@ -56,12 +56,13 @@ def add_attention_options(parser: argparse.ArgumentParser) -> None:
                        help="exact attention (sdpa) or Actively Mediated sparse attention (ama)")
     group.add_argument("--ama-budget", type=int, default=1024, help="tokens attended exactly per query (default: 1024)")
     group.add_argument("--ama-slice-len", type=int, default=32, help="tokens per KV slice (default: 32)")
-    group.add_argument("--ama-local-window", type=int, default=128, help="recent tokens always kept (default: 128)")
+    group.add_argument("--ama-local-window", type=int, default=None,
+                       help="recent tokens always kept (default: 3/4 of the budget)")
     group.add_argument("--ama-sink-slices", type=int, default=1, help="first slices always kept (default: 1)")
     group.add_argument("--ama-mediation", choices=("off", "estimate", "learned"), default="estimate",
                        help="how unselected slices still count (default: estimate)")
-    group.add_argument("--ama-score", choices=("bound", "mean"), default="bound",
-                       help="slice score: min/max upper bound of q.k, or q . mean key (default: bound)")
+    group.add_argument("--ama-score", choices=("bound", "mean"), default=None,
+                       help="slice score: min/max upper bound of q.k, or q . mean key (default: AMAConfig's)")
     group.add_argument("--ama-dense-layers", type=int, default=0, help="first N layers keep full attention")
 
 
@@ -71,9 +72,10 @@ def attention_config(args: argparse.Namespace):
         return None
     from laformer.ama import AMAConfig
 
-    return AMAConfig(slice_len=args.ama_slice_len, budget=args.ama_budget, sink_slices=args.ama_sink_slices,
-                     local_window=args.ama_local_window, score=args.ama_score, mediation=args.ama_mediation,
-                     dense_layers=args.ama_dense_layers)
+    fields = dict(slice_len=args.ama_slice_len, budget=args.ama_budget, sink_slices=args.ama_sink_slices,
+                  local_window=args.ama_local_window, score=args.ama_score, mediation=args.ama_mediation,
+                  dense_layers=args.ama_dense_layers)
+    return AMAConfig(**{name: value for name, value in fields.items() if value is not None})
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
