@@ -412,7 +412,8 @@ def test_bad_configs_raise_config_error(fields):
 def test_budget_description_and_streaming_baseline():
     assert AMAConfig(budget=1024).describe() == "budget 1024 = sinks 32 + local 768 + 7 selected x 32"
     assert AMAConfig(budget=512).local_tokens == 384 and AMAConfig(budget=64, slice_len=32).local_tokens == 32
-    assert AMAConfig(budget=1024, local_window=128).describe() == "budget 1024 = sinks 32 + local 128 + 27 selected x 32"
+    explicit = AMAConfig(budget=1024, local_window=128)
+    assert explicit.describe() == "budget 1024 = sinks 32 + local 128 + 27 selected x 32"
     streaming = AMAConfig(budget=512, local_window=480, mediation="off")
     assert streaming.num_selected == 0
 

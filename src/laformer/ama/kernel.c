@@ -10,7 +10,9 @@
  *   4. mediation: every unselected candidate is one pseudo-token (mean key, mean value, logit bias
  *      log(count)) folded into the same online softmax, i.e. the log-sum-exp merge of the two partitions.
  *
- * Nothing here allocates per token; the only memory read is the summaries, the chosen slices and q.
+ * Nothing here allocates per token; the only memory read is the summaries, the chosen slices and q. It runs
+ * on one thread: a layer's step is a fraction of a millisecond, less than waking a thread team costs on a
+ * loaded machine.
  * Plain C called through ctypes (no torch headers), so it builds in about a second.
  */
 #include <math.h>
@@ -140,14 +142,13 @@ void laformer_ama_decode(const float *q, const float *k, const float *v, int64_t
                          int64_t v_sb, int64_t v_sh, const uint8_t *valid, const float *kmin, const float *kmax,
                          const float *kmean, const float *vmean, const float *log_count, float *out, int B, int H,
                          int Hkv, int S, int D, int L, int sink_slices, int local_slices, int n_pick, int score_mean,
-                         int mediate, int threads) {
+                         int mediate) {
     const int G = H / Hkv, N = S / L, own = (S - 1) / L;
     const int local_start = own - local_slices + 1 > 0 ? own - local_slices + 1 : 0;
     const int sink_end = local_start < sink_slices ? local_start : sink_slices;
     const float scale = 1.0f / sqrtf((float)D);
     const int scratch = N > L ? N : L;
 
-#pragma omp parallel for num_threads(threads) if (threads > 1 && B * Hkv > 1) schedule(static)
     for (int unit = 0; unit < B * Hkv; unit++) {
         const int b = unit / Hkv, h = unit % Hkv;
         const float *qg = q + ((int64_t)b * H + (int64_t)h * G) * D;

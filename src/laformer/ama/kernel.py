@@ -23,7 +23,7 @@ SOURCE = Path(__file__).with_name("kernel.c")
 
 
 def _flags() -> list[str]:
-    return ["-O3", "-fopenmp", *(["-mavx2", "-mfma"] if native.has_avx2() else [])]
+    return ["-O3", "-fopenmp-simd", *(["-mavx2", "-mfma"] if native.has_avx2() else [])]
 
 
 @functools.cache
@@ -33,7 +33,7 @@ def _function():
         return None
     fn = lib.laformer_ama_decode
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 12
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 11
     return fn
 
 
@@ -74,6 +74,5 @@ def decode(
         None if valid is None else valid.data_ptr(), *(x.data_ptr() for x in fields), log_count.data_ptr(),
         out.data_ptr(), B, H, Hkv, S, D, L, config.sink_slices, config.local_slices,
         config.budget_slices - partial, int(config.score == "mean"), int(config.mediation != "off"),
-        torch.get_num_threads(),
     )
     return out
