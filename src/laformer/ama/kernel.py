@@ -55,24 +55,35 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and k.stride(-1) == v.stride(-1) == 1 and k.stride(-2) == v.stride(-2) == k.shape[-1])
 
 
+def settings(config: AMAConfig) -> tuple[int, ...]:
+    """The kernel's view of ``config``, computed once per backend: slice length, sink slices, local slices,
+    budget in slices, whether the score is the mean key, whether to mediate."""
+    return (config.slice_len, config.sink_slices, config.local_slices, config.budget_slices,
+            int(config.score == "mean"), int(config.mediation != "off"))
+
+
 def decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, summaries: SliceSummaries,
-    config: AMAConfig,
+    settings: tuple[int, ...],
 ) -> torch.Tensor:
-    """AMA attention of one query per row: q (B, H, 1, D), cache k/v (B, H_kv, S, D) -> (B, H, 1, D)."""
+    """AMA attention of one query per row: q (B, H, 1, D), cache k/v (B, H_kv, S, D) -> (B, H, 1, D).
+
+    Decode is bound by fixed costs at these sizes, so the summaries' pointers are prepared once per summary
+    update (in ``summaries.cache``) rather than once per layer call."""
     B, H, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    L = config.slice_len
-    partial = int(S % L != 0)
+    L, sinks, local, budget, score_mean, mediate = settings
+    pointers = summaries.cache.get("kernel")
+    if pointers is None:
+        fields = [x.contiguous() for x in (summaries.kmin, summaries.kmax, summaries.kmean, summaries.vmean,
+                                           summaries.log_count)]
+        pointers = summaries.cache["kernel"] = (fields, [x.data_ptr() for x in fields])  # fields stay alive
     q = q.contiguous()
-    fields = [x.contiguous() for x in (summaries.kmin, summaries.kmax, summaries.kmean, summaries.vmean)]
-    log_count = summaries.log_count.contiguous()
     valid = None if valid is None else valid.to(torch.uint8).contiguous()
     out = torch.empty_like(q)
     _function()(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        None if valid is None else valid.data_ptr(), *(x.data_ptr() for x in fields), log_count.data_ptr(),
-        out.data_ptr(), B, H, Hkv, S, D, L, config.sink_slices, config.local_slices,
-        config.budget_slices - partial, int(config.score == "mean"), int(config.mediation != "off"),
+        None if valid is None else valid.data_ptr(), *pointers[1], out.data_ptr(), B, H, Hkv, S, D, L, sinks,
+        local, budget - (S % L != 0), score_mean, mediate,
     )
     return out
