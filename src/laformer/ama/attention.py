@@ -88,10 +88,10 @@ class AMAAttention:
         valid = key_validity(mask, T)
         state = cache.layer_state[layer_idx] if cache is not None else None
         summaries = update_summaries(state, k, v, valid, cfg.slice_len)
-        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-        gate = self.gates[layer_idx] if self.gates is not None else None
         if T == 1 and self.fused and self.recorder is None and kernel.fits(q, k, v):
             return kernel.decode(q, k, v, valid, summaries, self._kernel_settings)
+        dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        gate = self.gates[layer_idx] if self.gates is not None else None
         if T == 1:
             out = self._decode(q.to(dtype), k, v, valid, summaries, layer_idx, gate)
         else:
