@@ -58,7 +58,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     ],
     ids=["int8-channel", "int8-g32", "int4-g32", "int4-g64"],
 )
-@pytest.mark.parametrize("rows", [1, 3, 5, 40])  # kernel (<= 8 rows: blocks of 4 and single rows) and matmul
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 40])  # x is (2, rows, 128): kernel (blocks of 8, 4, 1 rows) and matmul
 def test_quantized_linear_close_to_float(make, tolerance, rows):
     linear = random_linear()
     quantized = make(linear)
