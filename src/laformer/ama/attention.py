@@ -15,9 +15,10 @@ Per layer and KV head (the query heads of a grouped-query group share one choice
    exact tokens and the pseudo-tokens with ``log(count) + log g`` added to the pseudo-token logits, which is
    how it is computed: a single fused ``scaled_dot_product_attention`` call with an additive mask.
 
-Decode (one query) gathers from the cache viewed as whole slices plus the partial last slice. Prefill cuts the
-queries into blocks of one slice each; every block selects its own slices causally, so the cost grows as
-context x budget rather than context^2.
+Decode (one query) runs in one call of the fused C kernel (``kernel.py``) when it can; the PyTorch code here is
+its reference and fallback, gathering from the cache viewed as whole slices plus the partial last slice.
+Prefill cuts the queries into blocks of ``query_block`` queries inside one slice; every block selects its own
+slices causally, so the cost grows as context x budget rather than context^2.
 """
 
 from __future__ import annotations
