@@ -10,6 +10,11 @@ Columns: load (s), peak RSS during load + generation (MB), prefill tokens/s (one
 last-position logits), greedy decode tokens/s at batch 1 and 8 (timed as generate(N) minus generate(1), i.e.
 without the prefill), perplexity over 512-token windows of wikitext-2 test. Decode is memory-bound at batch 1,
 so the machine's read bandwidth is measured too and each side's bound = bandwidth / bytes of weights per token.
+
+All three sides run their threads through OpenMP (libgomp), whose idle threads spin by default: the fastest choice
+on an idle machine, but with another busy process on a 2-core machine every parallel region waits for a thread
+that has no core, and decode slowed 20-50x for every side here. On a shared machine run with
+``OMP_WAIT_POLICY=PASSIVE`` (passed to every side alike; the header prints it).
 """
 
 from __future__ import annotations
@@ -306,7 +311,8 @@ def main() -> None:
     print(f"\nmodel {Path(data['gguf']).name}, {args.threads} threads, prefill {len(data['prefill_prompt'])} tokens, "
           f"decode {args.new_tokens} new tokens after 64-token prompts, ppl over {args.ppl_windows} x 512 tokens")
     print(f"memory read bandwidth {bandwidth:.1f} GB/s; load average at the end {load_avg:.1f} on {os.cpu_count()} "
-          "CPUs (other processes share the machine: compare ratios, not absolute numbers)\n")
+          "CPUs (other processes share the machine: compare ratios, not absolute numbers); "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (threads spin)')}\n")
     header = (f"{'side':<24}{'load s':>7}{'RSS MB':>8}{'prefill t/s':>12}{'dec b1 t/s':>11}{'dec b8 t/s':>11}"
               f"{'ppl':>8}{'MB/token':>9}{'b1 bound':>9}{'of bound':>9}{'b1/hf':>7}{'b1/llama':>9}{'b8/hf':>7}"
               f"{'pre/hf':>7}{'pre/llama':>10}")
