@@ -57,13 +57,16 @@ def _cpu_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def _compile(name: str, compiler_names: tuple[str, ...], env_var: str, sources: list[Path], flags: list[str],
+def _compile(name: str, compiler_names: tuple[str, ...], env_var: str, source: Path, flags: list[str],
              tag: str = "") -> Path:
-    """Build ``sources`` into a cached shared library; the cache key covers sources, compiler, flags and ``tag``."""
+    """Build ``source`` into a cached shared library.
+
+    The cache key covers the kernel sources (``qgemm_op.cpp`` includes ``qgemm.c``), compiler, flags and ``tag``.
+    """
     compiler = os.environ.get(env_var) or next(filter(None, map(shutil.which, compiler_names)), None)
     if compiler is None:
         raise OSError(f"no compiler ({' or '.join(compiler_names)}) on PATH")
-    key = b"".join(src.read_bytes() for src in sources) + " ".join([compiler, *flags, tag]).encode()
+    key = b"".join(src.read_bytes() for src in (source, SOURCE)) + " ".join([compiler, *flags, tag]).encode()
     target = cache_dir() / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target.is_file():
         return target
@@ -72,7 +75,7 @@ def _compile(name: str, compiler_names: tuple[str, ...], env_var: str, sources: 
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *map(str, sources), *flags, "-o", tmp], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, str(source), *flags, "-o", tmp], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     except subprocess.CalledProcessError as exc:
         raise OSError(f"{compiler} failed: {exc.stderr.strip()[-500:]}") from exc
@@ -90,13 +93,13 @@ def _load_native() -> None:
     flags = [*CFLAGS, "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              *(f"-I{path}" for path in cpp_extension.include_paths()), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}",
              "-lc10", "-ltorch_cpu"]
-    torch.ops.load_library(str(_compile("qgemm-op", ("g++", "c++"), "CXX", [OP_SOURCE], flags, torch.__version__)))
+    torch.ops.load_library(str(_compile("qgemm-op", ("g++", "c++"), "CXX", OP_SOURCE, flags, torch.__version__)))
 
 
 @functools.cache
 def ctypes_kernel():
     """The C kernel through ctypes, as a function with the operator's signature (builds it on first call)."""
-    fn = ctypes.CDLL(str(_compile("qgemm", ("gcc", "cc"), "CC", [SOURCE], CFLAGS))).laformer_qgemm
+    fn = ctypes.CDLL(str(_compile("qgemm", ("gcc", "cc"), "CC", SOURCE, CFLAGS))).laformer_qgemm
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 
