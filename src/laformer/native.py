@@ -1,8 +1,9 @@
-"""Small C kernels built with the system compiler at first use and cached by content hash.
+"""Small native kernels built with the system compiler at first use and cached by content hash.
 
-The sources are plain C called through ctypes (no torch headers), so a build takes about a second and needs
-only ``gcc`` or ``cc``. The library lands in ``$LAFORMER_CACHE/kernels`` (default ``~/.cache/laformer``) under a
-name derived from the source and the flags, so an edited source or another flag set never loads a stale build.
+Plain C sources called through ctypes need only ``gcc`` or ``cc`` and build in about a second; a C++ source
+built against torch's headers (a PyTorch operator) needs ``g++`` and takes ~10 s, once. The library lands in
+``$LAFORMER_CACHE/kernels`` (default ``~/.cache/laformer``) under a name derived from the sources, the compiler
+and the flags, so an edited source or another flag set never loads a stale build.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ def has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def build(source: Path, flags: list[str]) -> Path:
-    """Compile ``source`` into a shared library (once per source and flags) and return its path."""
-    code = source.read_bytes()
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+def build(source: Path, flags: list[str], *, depends: tuple[Path, ...] = (), cxx: bool = False, tag: str = "",
+          name: str | None = None) -> Path:
+    """Compile ``source`` into a shared library (once per content) and return its path.
+
+    ``depends`` are files ``source`` includes (part of the cache key), ``tag`` anything else the build depends on
+    (a torch version), ``cxx`` selects the C++ compiler.
+    """
+    env_var, names = ("CXX", ("g++", "c++")) if cxx else ("CC", ("gcc", "cc"))
+    compiler = os.environ.get(env_var) or next(filter(None, map(shutil.which, names)), None)
     if compiler is None:
-        raise OSError("no C compiler (gcc or cc) on PATH")
-    digest = hashlib.sha256(code + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{digest}.so"
+        raise OSError(f"no compiler ({' or '.join(names)}) on PATH")
+    key = b"".join(path.read_bytes() for path in (source, *depends)) + " ".join([compiler, *flags, tag]).encode()
+    target = cache_dir() / f"{name or source.stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -49,11 +55,12 @@ def build(source: Path, flags: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, "-shared", "-fPIC", str(source), "-o", tmp], check=True,
+        # The source before the flags: libraries named by -l must follow the objects that use them.
+        subprocess.run([compiler, str(source), *flags, "-shared", "-fPIC", "-o", tmp], check=True,
                        capture_output=True, text=True)
         os.replace(tmp, target)
     except subprocess.CalledProcessError as exc:
-        raise OSError(f"{compiler} failed: {exc.stderr.strip()[:500]}") from exc
+        raise OSError(f"{compiler} failed: {exc.stderr.strip()[-500:]}") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

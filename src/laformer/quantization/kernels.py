@@ -19,20 +19,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from laformer import native
+
 SOURCE = Path(__file__).with_name("qgemm.c")
 OP_SOURCE = Path(__file__).with_name("qgemm_op.cpp")
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 # The schema and shape function live here, so the operator exists (and traces) whichever implementation is loaded.
 _LIBRARY = torch.library.Library("laformer", "DEF")
@@ -44,47 +41,6 @@ def _(x, qweight, scales, mins, bits, group_size):
     return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.float32)
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("LAFORMER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "laformer"
-    )
-    return Path(root) / "kernels"
-
-
-def _cpu_supported() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-def _compile(name: str, compiler_names: tuple[str, ...], env_var: str, source: Path, flags: list[str],
-             tag: str = "") -> Path:
-    """Build ``source`` into a cached shared library.
-
-    The cache key covers the kernel sources (``qgemm_op.cpp`` includes ``qgemm.c``), compiler, flags and ``tag``.
-    """
-    compiler = os.environ.get(env_var) or next(filter(None, map(shutil.which, compiler_names)), None)
-    if compiler is None:
-        raise OSError(f"no compiler ({' or '.join(compiler_names)}) on PATH")
-    key = b"".join(src.read_bytes() for src in (source, SOURCE)) + " ".join([compiler, *flags, tag]).encode()
-    target = cache_dir() / f"{name}-{hashlib.sha256(key).hexdigest()[:16]}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build under a temporary name and rename: concurrent processes (test workers) never load a partial file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, str(source), *flags, "-o", tmp], check=True, capture_output=True, text=True)
-        os.replace(tmp, target)
-    except subprocess.CalledProcessError as exc:
-        raise OSError(f"{compiler} failed: {exc.stderr.strip()[-500:]}") from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
 def _load_native() -> None:
     """Build ``qgemm_op.cpp`` against this torch and register it as the operator's CPU kernel."""
     from torch.utils import cpp_extension
@@ -93,13 +49,14 @@ def _load_native() -> None:
     flags = [*CFLAGS, "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              *(f"-I{path}" for path in cpp_extension.include_paths()), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}",
              "-lc10", "-ltorch_cpu"]
-    torch.ops.load_library(str(_compile("qgemm-op", ("g++", "c++"), "CXX", OP_SOURCE, flags, torch.__version__)))
+    library = native.build(OP_SOURCE, flags, depends=(SOURCE,), cxx=True, tag=torch.__version__, name="qgemm-op")
+    torch.ops.load_library(str(library))
 
 
 @functools.cache
 def ctypes_kernel():
     """The C kernel through ctypes, as a function with the operator's signature (builds it on first call)."""
-    fn = ctypes.CDLL(str(_compile("qgemm", ("gcc", "cc"), "CC", SOURCE, CFLAGS))).laformer_qgemm
+    fn = ctypes.CDLL(str(native.build(SOURCE, CFLAGS))).laformer_qgemm
     fn.restype = None
     fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
 
@@ -117,7 +74,7 @@ def ctypes_kernel():
 @functools.cache
 def backend() -> str | None:
     """Which implementation backs ``laformer::qgemm`` here: "native", "ctypes" or None (none could be built)."""
-    if os.environ.get("LAFORMER_NO_KERNELS") or not _cpu_supported():
+    if os.environ.get("LAFORMER_NO_KERNELS") or not native.has_avx2():
         return None
     problems = []
     if not os.environ.get("LAFORMER_NO_NATIVE_OP"):
