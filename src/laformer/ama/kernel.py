@@ -81,9 +81,10 @@ def decode(
     q = q.contiguous()
     valid = None if valid is None else valid.to(torch.uint8).contiguous()
     out = torch.empty_like(q)
+    partial_slice = int(S % L != 0)  # the unfinished last slice is always attended and pays one slice of budget
     _function()(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         None if valid is None else valid.data_ptr(), *pointers[1], out.data_ptr(), B, H, Hkv, S, D, L, sinks,
-        local, budget - (S % L != 0), score_mean, mediate,
+        local, budget - partial_slice, score_mean, mediate,
     )
     return out
