@@ -81,11 +81,12 @@ def load_transformers(folder: str):
     return peft.PeftModel.from_pretrained(model, str(Path(folder) / "initial_adapter"), is_trainable=True)
 
 
-def train_steps(model, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Seconds for all steps but the first (warm-up)."""
+def train_steps(model, batches, limit: int | None = None) -> tuple[float, int]:
+    """Train on ``batches``; the seconds and number of the timed steps (all but the first, a warm-up; at most
+    ``limit`` of them)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     model.train()
-    start = None
+    start, timed = None, 0
     for i, batch in enumerate(batches):
         if i == 1:
             start = time.perf_counter()
@@ -93,7 +94,10 @@ def train_steps(model, batches: list[dict[str, torch.Tensor]]) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+        timed += i >= 1
+        if timed == limit:
+            break
+    return time.perf_counter() - start, timed
 
 
 @torch.no_grad()
@@ -118,7 +122,7 @@ def worker(args: argparse.Namespace) -> dict:
         texts, labels = read_split("train", (args.steps + 1) * BATCH, seed=1)
         batches = padded_batches(args.folder, texts, labels, args.mode)
         model = load(args.folder)
-        seconds = train_steps(model, batches)
+        seconds, _ = train_steps(model, batches)
         measured = batches[1:]
         val_texts, val_labels = read_split("validation", args.eval)
         return {"seconds": seconds, "steps": len(measured),
@@ -165,23 +169,10 @@ def padded_pass(args, texts, labels) -> dict:
                     "labels": torch.tensor(labels[i])}
 
     model = load_transformers(args.folder)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    model.train()
     loader = DataLoader(TextClassificationDataset(), batch_size=BATCH, shuffle=True)
+    seconds, timed = train_steps(model, loader, args.pass_probe)
     total_steps = len(loader)
-    start, timed = None, 0
-    for i, batch in enumerate(loader):
-        if i == 1:
-            start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if i >= 1:
-            timed += 1
-        if timed == args.pass_probe:
-            break
-    per_step = (time.perf_counter() - start) / timed
+    per_step = seconds / timed
     return {"seconds": per_step * total_steps, "extrapolated": True, "steps": total_steps,
             "probe_steps": timed, "peak_rss_gb": peak_rss_gb()}
 

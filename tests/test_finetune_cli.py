@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from _training_helpers import tiny_causal_lm, tiny_tokenizer, write_jsonl, write_sentiment_jsonl
 
 from laformer.cli import main
@@ -16,12 +15,7 @@ from laformer.tokenizer import LaFormerTokenizer
 FAST = ["--no-progress", "--report-to", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,7 @@ from laformer.training import ClassificationDataset, InstructionDataset, Trainer
 from laformer.training.schedules import LRSchedule, build_optimizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: a second thread only adds contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sentiment_dataset(n: int = 48, seed: int = 0, **kwargs) -> ClassificationDataset:
