@@ -1,4 +1,4 @@
-"""Generation benchmark: laformer (fp32 eager/compiled, int8, int4) against transformers and llama.cpp.
+"""Generation benchmark: laformer (fp32, int8, int4; native, eager and compiled steps) against transformers and llama.cpp.
 
 Every side runs in its own subprocess (so peak RSS is its own) on the same token ids, with the same thread count,
 and the table is printed with ratios against the peers measured in the same run:
@@ -30,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ["laformer-fp32", "laformer-fp32-compiled", "laformer-int8", "laformer-int8-compiled", "laformer-int4",
-         "laformer-int4-compiled", "transformers-fp32", "llama.cpp"]
+# laformer-W is the engine's default (the native step); -eager and -compiled run its PyTorch step.
+MODES = [f"laformer-{width}{step}" for width in ("fp32", "int8", "int4") for step in ("", "-eager", "-compiled")]
+MODES += ["transformers-fp32", "llama.cpp"]
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "longtext" / "wikitext2_test.raw.txt"
 
 
@@ -82,7 +83,8 @@ def worker_laformer(mode: str, data: dict) -> dict:
     quantize = {"int8": "int8", "int4": "int4"}.get(mode.split("-")[1])
     start = time.perf_counter()
     model = LaFormerForCausalLM.from_pretrained(data["model"], quantize=quantize)
-    engine = DecodeEngine(model, compile=mode.endswith("compiled"))
+    step = mode.split("-")[2] if mode.count("-") == 2 else "native"
+    engine = DecodeEngine(model, compile=step == "compiled", native=step == "native")
     load = time.perf_counter() - start
     state = model.state_dict()  # holds lm_head too when tied; the embedding itself costs one row per token
     weight_bytes = sum(t.numel() * t.element_size() for name, t in state.items() if "embed_tokens" not in name)
@@ -107,7 +109,7 @@ def worker_laformer(mode: str, data: dict) -> dict:
         ppl = _window_perplexity(model, data["ppl_windows"])
     return dict(load=load, warmup=warmup, rss=rss, prefill=prefill, decode1=decode1, decode8=decode8,
                 ppl=ppl, weight_bytes=weight_bytes, greedy=out1[0], greedy8=out8,
-                compiled=engine.compiled)
+                compiled=engine.compiled, path=engine.path)
 
 
 def worker_transformers(mode: str, data: dict) -> dict:
@@ -333,13 +335,14 @@ def main() -> None:
     print()
     for mode, r in results.items():
         if r.get("warmup"):
-            note = " (compilation unavailable: ran eagerly)" if r.get("compiled") is False and "compiled" in mode else ""
-            print(f"{mode}: warm-up {r['warmup']:.1f} s{note}")
+            path = f", decoded by the {r['path']} step" if r.get("path") else ""
+            print(f"{mode}: warm-up {r['warmup']:.1f} s{path}")
     for width in ("fp32", "int8", "int4"):
-        eager, compiled = results.get(f"laformer-{width}"), results.get(f"laformer-{width}-compiled")
-        if eager and compiled:
-            same = eager["greedy"] == compiled["greedy"] and eager["greedy8"] == compiled["greedy8"]
-            print(f"{width} greedy outputs eager vs compiled (batch 1 and 8): {'identical' if same else 'DIFFERENT'}")
+        runs = {step: results.get(f"laformer-{width}{step}") for step in ("", "-eager", "-compiled")}
+        runs = {step.strip("-") or "native": r for step, r in runs.items() if r}
+        if len(runs) > 1:
+            same = len({json.dumps([r["greedy"], r["greedy8"]]) for r in runs.values()}) == 1
+            print(f"{width} greedy outputs, {' vs '.join(runs)} (batch 1 and 8): {'identical' if same else 'DIFFERENT'}")
     eager = results.get("laformer-fp32")
     if eager:
         single_vs_batch = eager["greedy"] == eager["greedy8"][0]

@@ -1,4 +1,4 @@
-"""The lean decode path: fused projections, the static cache, the engine (eager and compiled)."""
+"""The lean decode path: fused projections, the static cache, the engine (native, eager and compiled)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from laformer import GenerationError, LaFormerConfig, LaFormerForCausalLM
 from laformer.generation import generate
 from laformer.inference import DecodeEngine, StaticKVCache, fuse_projections
+from laformer.inference.native_step import native_available
 from laformer.quantization import quantize_model
 
 # A large init spreads the logits, so greedy choices are far from ties and token sequences compare exactly.
@@ -83,13 +84,15 @@ def test_static_cache_errors(tiny):
         cache.reorder(torch.tensor([0, 0]))
 
 
-def test_engine_equals_plain_generate_on_padded_batch(tiny, batch):
+@pytest.mark.parametrize("native", [True, False])
+def test_engine_equals_plain_generate_on_padded_batch(tiny, batch, native):
     ids, mask = batch
     expected = generate(tiny, ids, mask, max_new_tokens=20)
-    engine = DecodeEngine(copy.deepcopy(tiny))
+    engine = DecodeEngine(copy.deepcopy(tiny), native=native)
     torch.testing.assert_close(generate(engine.model, ids, mask, max_new_tokens=20, engine=engine), expected)
     # The buffers are reused by the next request; the result does not depend on what they held.
     torch.testing.assert_close(generate(engine.model, ids, mask, max_new_tokens=20, engine=engine), expected)
+    assert engine.path == ("native" if native and native_available() else "eager")
     with torch.no_grad():
         reference = tiny(ids, mask).logits[:, -1]
     torch.testing.assert_close(engine.prefill(ids, mask), reference, rtol=1e-5, atol=1e-5)
@@ -103,13 +106,71 @@ def test_engine_with_sampling_and_repetition_penalty_matches_plain(tiny, batch):
                                generate(tiny, ids, mask, **options))
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_engine_composes_with_quantized_models(tiny, batch, mode):
+def test_engine_composes_with_quantized_models(tiny, batch, mode, native):
     ids, mask = batch
     model = quantize_model(copy.deepcopy(tiny), mode, 32)
     expected = generate(model, ids, mask, max_new_tokens=10)
-    engine = DecodeEngine(model)  # fuses the quantized projections too
+    engine = DecodeEngine(model, native=native)  # fuses the quantized projections too
     torch.testing.assert_close(generate(model, ids, mask, max_new_tokens=10, engine=engine), expected)
+    assert engine.path == ("native" if native and native_available() else "eager")
+
+
+@pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_native_step_matches_the_pytorch_step(tiny, batch, mode):
+    """Same logits step by step, on a left-padded batch, with a row refilled mid-way (continuous batching)."""
+    ids, mask = batch
+    model = copy.deepcopy(tiny)
+    if mode:
+        quantize_model(model, mode, 32)
+    native, python = DecodeEngine(copy.deepcopy(model)), DecodeEngine(copy.deepcopy(model), native=False)
+    logits = [engine.prefill(ids, mask, 12) for engine in (native, python)]
+    assert native.path == "native" and python.path == "eager"
+    tokens = logits[1].argmax(-1)
+    for step in range(10):
+        if step == 4:
+            refill = torch.tensor([5, 9, 2, 7])
+            torch.testing.assert_close(native.prefill_row(1, refill), python.prefill_row(1, refill))
+        logits = [engine.decode(tokens) for engine in (native, python)]
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+        tokens = logits[1].argmax(-1)
+    for name in ("slot", "position", "valid"):
+        assert torch.equal(getattr(native, name), getattr(python, name))
+    for mine, theirs in zip(native.cache.keys + native.cache.values, python.cache.keys + python.cache.values):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
+def test_native_step_falls_back_where_it_does_not_apply(tiny, batch, monkeypatch):
+    ids, mask = batch
+    wide = DecodeEngine(copy.deepcopy(tiny))
+    wide.prefill(ids.repeat(3, 1), mask.repeat(3, 1), 2)  # 9 rows: above the kernels' 8-row blocks
+    assert wide.path == "eager" and "9 rows" in wide.native_problem
+    wrapped = copy.deepcopy(tiny)
+    wrapped.model.layers[1].mlp.down_proj = torch.nn.Sequential(wrapped.model.layers[1].mlp.down_proj)
+    engine = DecodeEngine(wrapped)
+    expected = generate(tiny, ids, mask, max_new_tokens=4)
+    torch.testing.assert_close(generate(wrapped, ids, mask, max_new_tokens=4, engine=engine), expected)
+    assert engine.path == "eager" and "down_proj is a Sequential" in engine.native_problem
+    half = DecodeEngine(copy.deepcopy(tiny).to(torch.bfloat16))
+    half.prefill(ids, mask, 2)
+    assert half.path == "eager" and "float32" in half.native_problem
+
+
+@pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
+def test_native_step_rejects_bad_tokens_and_a_full_cache_without_changing_state(tiny):
+    engine = DecodeEngine(copy.deepcopy(tiny), max_length=8)
+    engine.prefill(torch.tensor([[1, 2, 3]]), None, 1)
+    before = engine.slot.clone(), engine.position.clone(), engine.valid.clone()
+    with pytest.raises(GenerationError, match="outside the model's vocabulary"):
+        engine.decode(torch.tensor([CONFIG["vocab_size"]]))
+    assert all(torch.equal(a, b) for a, b in zip(before, (engine.slot, engine.position, engine.valid)))
+    for _ in range(5):
+        engine.decode(torch.tensor([4]))
+    with pytest.raises(GenerationError, match="cache is full"):
+        engine.decode(torch.tensor([4]))
 
 
 def test_engine_routes_attention_through_the_backend(tiny, batch):
@@ -127,6 +188,7 @@ def test_engine_routes_attention_through_the_backend(tiny, batch):
     torch.testing.assert_close(out, generate(tiny, ids, mask, max_new_tokens=3))
     assert [c[0] for c in calls[:2]] == [0, 1] and calls[0][1] == 11 and calls[-1][1] == 1
     assert calls[-1][2] == engine.cache.max_length  # the step sees the whole fixed-shape buffer, masked
+    assert engine.path == "eager" and "another attention backend" in engine.native_problem
 
 
 def test_engine_errors(tiny):
@@ -157,7 +219,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny, batch, monkeyp
 
     monkeypatch.setattr(torch, "compile", broken)
     ids, mask = batch
-    engine = DecodeEngine(copy.deepcopy(tiny), compile=True)
+    engine = DecodeEngine(copy.deepcopy(tiny), compile=True, native=False)
     with pytest.warns(RuntimeWarning, match="torch.compile is unavailable"):
         out = generate(engine.model, ids, mask, max_new_tokens=5, engine=engine)
     assert not engine.compiled
@@ -168,8 +230,8 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny, batch, monkeyp
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
 def test_compiled_step_gives_identical_greedy_tokens(tiny, batch):
     ids, mask = batch
-    eager = DecodeEngine(copy.deepcopy(tiny))
-    compiled = DecodeEngine(copy.deepcopy(tiny), compile=True)
+    eager = DecodeEngine(copy.deepcopy(tiny), native=False)
+    compiled = DecodeEngine(copy.deepcopy(tiny), compile=True, native=False)
     expected = generate(eager.model, ids, mask, max_new_tokens=12, engine=eager)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -185,7 +247,8 @@ def test_compiled_step_gives_identical_greedy_tokens(tiny, batch):
 def test_compiled_step_traces_the_quantized_kernel(tiny, batch):
     ids, mask = batch
     model = quantize_model(copy.deepcopy(tiny), "int8", 32)
-    eager, compiled = DecodeEngine(copy.deepcopy(model)), DecodeEngine(copy.deepcopy(model), compile=True)
+    eager = DecodeEngine(copy.deepcopy(model), native=False)
+    compiled = DecodeEngine(copy.deepcopy(model), compile=True, native=False)
     expected = generate(eager.model, ids[:1], max_new_tokens=6, engine=eager)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -193,3 +256,20 @@ def test_compiled_step_traces_the_quantized_kernel(tiny, batch):
     if not compiled.compiled:
         pytest.skip(f"torch.compile unavailable here: {[str(w.message) for w in caught]}")
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
+def test_native_step_on_the_default_model_gives_the_pytorch_steps_tokens(default_gguf_path, default_tokenizer):
+    """The real model, 4-bit from its GGUF blocks: same greedy tokens, logits within float rounding, batch 1 and 2."""
+    model = LaFormerForCausalLM.from_pretrained(default_gguf_path, quantize="int4")
+    prompts = ["The capital of France is", "def fibonacci(n):\n    "]
+    batch = default_tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    native, python = DecodeEngine(model), DecodeEngine(copy.deepcopy(model), native=False)
+    outputs = [generate(engine.model, ids, mask, max_new_tokens=24, engine=engine) for engine in (native, python)]
+    assert native.path == "native" and python.path == "eager"
+    assert torch.equal(outputs[0], outputs[1])
+    single = [generate(engine.model, ids[1:], max_new_tokens=8, engine=engine) for engine in (native, python)]
+    assert torch.equal(single[0], single[1])
+    logits = [engine.decode(torch.tensor([42])) for engine in (native, python)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-3)

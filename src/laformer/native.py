@@ -67,13 +67,13 @@ def build(source: Path, flags: list[str], *, depends: tuple[Path, ...] = (), cxx
     return target
 
 
-def load(source: Path, flags: list[str], what: str) -> ctypes.CDLL | None:
+def load(source: Path, flags: list[str], what: str, depends: tuple[Path, ...] = ()) -> ctypes.CDLL | None:
     """The built library, or None (with a warning naming ``what`` falls back) when it cannot be built or
     ``LAFORMER_NO_KERNELS`` is set."""
     if os.environ.get("LAFORMER_NO_KERNELS"):
         return None
     try:
-        return ctypes.CDLL(str(build(source, flags)))
+        return ctypes.CDLL(str(build(source, flags, depends=depends)))
     except OSError as exc:
         warnings.warn(f"laformer: {source.name} unavailable ({exc}); {what} uses the slower PyTorch path",
                       stacklevel=3)

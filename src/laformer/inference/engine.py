@@ -7,7 +7,9 @@ once. Rows are independent (each has its own slot and position), which is what l
 refill a finished row with a new prompt while the others keep decoding.
 
 The engine runs the model's own layers, so attention backends (``model.decoder.set_attention``) and quantized
-linears compose with it; ``fuse=True`` first swaps in fused q/k/v and gate/up projections.
+linears compose with it; ``fuse=True`` first swaps in fused q/k/v and gate/up projections. For a plain model on the
+CPU (float32, int8 or 4-bit weights, exact attention, up to 8 rows) a step is one native call instead
+(``laformer.inference.native_step``); ``native=False`` keeps the PyTorch step, and ``path`` says which one runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from laformer.errors import GenerationError
 from laformer.inference.fused import fuse_projections
+from laformer.inference.native_step import NativeStep
 from laformer.inference.static_cache import StaticKVCache
 
 CACHE_GRANULARITY = 64  # cache lengths are rounded up to this, so nearby request sizes reuse one compiled step
@@ -29,14 +32,17 @@ class DecodeEngine:
     """Runs ``model`` (a ``LaFormerForCausalLM``) one token at a time for up to ``batch_size`` rows.
 
     ``prefill`` starts a batch (left-padded prompts), ``prefill_row`` starts one row alone, ``decode`` advances
-    every row by one token; each returns float logits (B, V) for the next token. ``compile=True`` compiles the
-    one-token step with ``torch.compile`` and falls back to eager (with a warning) where compilation fails.
+    every row by one token; each returns float logits (B, V) for the next token. ``native=True`` decodes with the
+    native step wherever it supports the model and batch (``native_problem`` says why not, otherwise);
+    ``compile=True`` compiles the PyTorch step with ``torch.compile`` and falls back to eager (with a warning)
+    where compilation fails.
     The cache is sized per request (rounded up to 64 tokens); ``max_length`` fixes it instead, so that a compiled
     step, which is specialised to the cache's shape, is compiled once for every request that fits.
     """
 
     def __init__(
-        self, model: nn.Module, *, compile: bool = False, fuse: bool = True, max_length: int | None = None
+        self, model: nn.Module, *, compile: bool = False, fuse: bool = True, max_length: int | None = None,
+        native: bool = True,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -46,9 +52,17 @@ class DecodeEngine:
         self.cache: StaticKVCache | None = None
         self.valid = self.slot = self.position = self.columns = None
         self.compiled = False
+        self.native = native
+        self.native_problem: str | None = None if native else "turned off (native=False)"
+        self._native_step: NativeStep | None = None
         self._step: Callable[[torch.Tensor], torch.Tensor] = self._decode_step
         if compile:
             self._step = self._compile_with_fallback(self._decode_step)
+
+    @property
+    def path(self) -> str:
+        """Which step decodes the current batch: "native", "compiled" or "eager"."""
+        return "native" if self._native_step is not None else "compiled" if self.compiled else "eager"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -81,6 +95,9 @@ class DecodeEngine:
         self.cache.reset()
         for state in (self.valid, self.slot, self.position):
             state.zero_()  # in place: a compiled step keeps pointing at the same tensors
+        if self.native:  # checked per batch: the batch size, the cache or the model's attention may have changed
+            self.native_problem = NativeStep.unsupported(self.model, self.cache)
+            self._native_step = None if self.native_problem else NativeStep(self.model, self.cache)
 
     @torch.inference_mode()
     def prefill(
@@ -111,6 +128,8 @@ class DecodeEngine:
 
         Each row has room for the ``max_new_tokens`` it was prefilled with (the cache is not checked per step).
         """
+        if self._native_step is not None:
+            return self._native_step(tokens, self.slot, self.position, self.valid)
         return self._step(tokens)
 
     def release_row(self, row: int) -> None:

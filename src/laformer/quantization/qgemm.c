@@ -7,6 +7,7 @@
  *   bits 8: w int8 [N, K]; value = w * scales[n, k / G]
  *   bits 4: w uint8 [N, K / 2] in chunks of 32 values: byte j of a chunk holds value j (low nibble) and value
  *           j + 16 (high nibble), as ggml's Q4_0/Q4_1 blocks do; value = q * scales[n, k / G] + mins[n, k / G]
+ *   bits 32: w float32 [N, K], no scales or mins (used by the native decode step for unquantized layers)
  * K and G are multiples of 32, G divides K. mins may be NULL (symmetric).
  */
 #include <immintrin.h>
@@ -21,6 +22,10 @@ static inline float hsum(__m256 v) {
 }
 
 /* 32 weights as four vectors of 8 floats. */
+static inline void widen_f32(const float *p, __m256 w[4]) {
+    for (int j = 0; j < 4; j++) w[j] = _mm256_loadu_ps(p + 8 * j);
+}
+
 static inline void widen_q8(const int8_t *p, __m256 w[4]) {
     for (int j = 0; j < 4; j++)
         w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * j))));
@@ -88,13 +93,15 @@ DEFINE_COLUMN(column_q4_4, 4, 4, 2)
         for (int r = 0; r < R; r++)                                                                            \
             for (int j = 0; j < A; j++) out[r][j] = _mm256_setzero_ps();                                       \
         for (int64_t g = 0; g < groups; g++) {                                                                 \
-            const __m256 s = _mm256_set1_ps(scales[n * groups + g]);                                           \
+            const __m256 s = _mm256_set1_ps(BITS == 32 ? 1.f : scales[n * groups + g]);                        \
             const __m256 b = _mm256_set1_ps(mins ? mins[n * groups + g] : 0.f);                                \
             for (int64_t k = g * G; k < (g + 1) * G; k += 32) {                                                \
                 __m256 v[4];                                                                                   \
                 if (BITS == 8) widen_q8((const int8_t *)w + n * K + k, v);                                     \
-                else widen_q4((const uint8_t *)w + n * (K / 2) + k / 2, v);                                    \
-                for (int j = 0; j < 4; j++) v[j] = _mm256_fmadd_ps(v[j], s, b);                                \
+                else if (BITS == 4) widen_q4((const uint8_t *)w + n * (K / 2) + k / 2, v);                     \
+                else widen_f32((const float *)w + n * K + k, v);                                               \
+                if (BITS != 32)                                                                                \
+                    for (int j = 0; j < 4; j++) v[j] = _mm256_fmadd_ps(v[j], s, b);                            \
                 for (int r = 0; r < R; r++) {                                                                  \
                     const float *xr = x + (m0 + r) * K + k;                                                    \
                     for (int j = 0; j < 4; j++)                                                                \
@@ -112,34 +119,49 @@ DEFINE_COLUMN(column_q4_4, 4, 4, 2)
 DEFINE_DEQUANT_COLUMN(column_q8_8, 8, 8, 1)
 DEFINE_DEQUANT_COLUMN(column_q4_8, 4, 8, 1)
 DEFINE_DEQUANT_COLUMN(column_q4_1, 4, 1, 4)
+DEFINE_DEQUANT_COLUMN(column_f32_8, 32, 8, 1)
+DEFINE_DEQUANT_COLUMN(column_f32_4, 32, 4, 2)
+DEFINE_DEQUANT_COLUMN(column_f32_1, 32, 1, 4)
+
+/* sum_k (q*s + m) x_k = s * sum_k q x_k + m * sum_k x_k: the group sums of x (M, K / G) are shared by all columns. */
+static void group_sums(const float *x, int64_t M, int64_t K, int64_t G, float *xsum) {
+    for (int64_t i = 0; i < M * (K / G); i++) {
+        float s = 0.f;
+        for (int64_t k = 0; k < G; k++) s += x[i * G + k];
+        xsum[i] = s;
+    }
+}
+
+/* Output column n for all M rows of x: blocks of 8 rows, then 4, then single rows. bits is 4, 8 or 32 (float);
+   xsum (the group sums of x) is needed for 4-bit weights only. */
+static void qgemm_column(int bits, const float *x, const void *w, const float *scales, const float *mins,
+                         const float *xsum, float *y, int64_t M, int64_t n, int64_t N, int64_t K, int64_t G) {
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) {
+        if (bits == 8) column_q8_8(x, w, scales, mins, y, m, n, N, K, G);
+        else if (bits == 4) column_q4_8(x, w, scales, mins, y, m, n, N, K, G);
+        else column_f32_8(x, w, scales, mins, y, m, n, N, K, G);
+    }
+    for (; m + 4 <= M; m += 4) {
+        if (bits == 8) column_q8_4(x, w, scales, mins, xsum, y, m, n, N, K, G);
+        else if (bits == 4) column_q4_4(x, w, scales, mins, xsum, y, m, n, N, K, G);
+        else column_f32_4(x, w, scales, mins, y, m, n, N, K, G);
+    }
+    for (; m < M; m++) {
+        if (bits == 8) column_q8_1(x, w, scales, mins, xsum, y, m, n, N, K, G);
+        else if (bits == 4) column_q4_1(x, w, scales, mins, y, m, n, N, K, G);
+        else column_f32_1(x, w, scales, mins, y, m, n, N, K, G);
+    }
+}
 
 void laformer_qgemm(int bits, const float *x, const void *w, const float *scales, const float *mins, float *y,
                     int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
-    const int64_t groups = K / G;
     float *xsum = NULL;
-    if (mins) { /* sum_k (q*s + m) x_k = s * sum_k q x_k + m * sum_k x_k: the group sums of x are shared by all n */
-        xsum = (float *)malloc(sizeof(float) * M * groups);
-        for (int64_t i = 0; i < M * groups; i++) {
-            float s = 0.f;
-            for (int64_t k = 0; k < G; k++) s += x[i * G + k];
-            xsum[i] = s;
-        }
+    if (mins) {
+        xsum = (float *)malloc(sizeof(float) * M * (K / G));
+        group_sums(x, M, K, G, xsum);
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        int64_t m = 0;
-        for (; m + 8 <= M; m += 8) {
-            if (bits == 8) column_q8_8(x, w, scales, mins, y, m, n, N, K, G);
-            else column_q4_8(x, w, scales, mins, y, m, n, N, K, G);
-        }
-        for (; m + 4 <= M; m += 4) {
-            if (bits == 8) column_q8_4(x, w, scales, mins, xsum, y, m, n, N, K, G);
-            else column_q4_4(x, w, scales, mins, xsum, y, m, n, N, K, G);
-        }
-        for (; m < M; m++) {
-            if (bits == 8) column_q8_1(x, w, scales, mins, xsum, y, m, n, N, K, G);
-            else column_q4_1(x, w, scales, mins, y, m, n, N, K, G);
-        }
-    }
+    for (int64_t n = 0; n < N; n++) qgemm_column(bits, x, w, scales, mins, xsum, y, M, n, N, K, G);
     free(xsum);
 }

@@ -1,0 +1,195 @@
+/* One whole decode step of a LLaMA decoder in one call: embedding, every layer, final norm and output head.
+ *
+ * At batch 1 a step is ~120 small matrix-vector products; run from PyTorch, even compiled, the per-op work around
+ * them (dispatch, the graph's wrapper, attention calls, one OpenMP fork/join per product) cost about as much as the
+ * products. Here the step is one OpenMP parallel region: the threads split each product's output columns and meet
+ * at a barrier between dependent phases (five per layer), as llama.cpp does. The matrix products are qgemm.c's
+ * column kernels (int8, 4-bit and float32 weights); everything else is small and written out below.
+ *
+ * Semantics are the PyTorch engine's (laformer.inference.engine): the static cache (B, Hkv, S, D) is written at
+ * column slot[b], attention covers the columns where valid[b] is set (this one included), rotary positions come
+ * from position[b], and slot and position advance by one. Layers are pre-norm with fused q/k/v and gate/up
+ * projections (laformer.inference.fused), RMSNorm, half-split rotary embeddings, SwiGLU.
+ */
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+
+#include "../quantization/qgemm.c"
+
+typedef struct {
+    const void *w;          /* int8 (N, K), packed 4-bit (N, K / 2) or float32 (N, K) */
+    const float *scales;    /* (N, K / G); NULL for float32 */
+    const float *mins;      /* (N, K / G) for 4-bit; else NULL */
+    int64_t bits, n, k, g;  /* bits 4, 8 or 32; out features, in features, group size */
+} Linear;
+
+typedef struct {
+    Linear qkv, o, gate_up, down;
+    const float *input_norm, *post_norm;
+    float *keys, *values; /* (B, Hkv, S, D) */
+} Layer;
+
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, ffn, vocab, batch, cache_len;
+    float eps;
+    const float *embedding; /* (vocab, hidden) */
+    const float *inv_freq;  /* (head_dim / 2) */
+    const float *final_norm;
+    Linear head;
+    const Layer *layer;
+} Model;
+
+enum { STORE, ADD_TO, SWIGLU };
+
+/* Every thread normalises all rows into its own buffer: cheaper than sharing one behind a barrier. */
+static void norm_rows(const float *x, const float *weight, float *out, int64_t rows, int64_t d, float eps) {
+    for (int64_t b = 0; b < rows; b++) {
+        const float *xb = x + b * d;
+        float ss = 0.f;
+        for (int64_t i = 0; i < d; i++) ss += xb[i] * xb[i];
+        const float r = 1.f / sqrtf(ss / (float)d + eps);
+        for (int64_t i = 0; i < d; i++) out[b * d + i] = weight[i] * (xb[i] * r);
+    }
+}
+
+/* y = x @ W^T split by output column across the team, with the consumer of each column fused in:
+   STORE leaves y; ADD_TO adds y to out (the residual stream); SWIGLU treats the first and second halves of the
+   columns as gate and up and writes silu(gate) * up to out. Ends at the worksharing loop's barrier. */
+static void project(const Linear *L, const float *x, int64_t rows, float *y, float *out, int how, float *xsum) {
+    if (L->mins) group_sums(x, rows, L->k, L->g, xsum); /* each thread its own copy */
+    const int64_t N = L->n, columns = how == SWIGLU ? N / 2 : N;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < columns; n++) {
+        qgemm_column((int)L->bits, x, L->w, L->scales, L->mins, xsum, y, rows, n, N, L->k, L->g);
+        if (how == ADD_TO) {
+            for (int64_t b = 0; b < rows; b++) out[b * N + n] += y[b * N + n];
+        } else if (how == SWIGLU) {
+            qgemm_column((int)L->bits, x, L->w, L->scales, L->mins, xsum, y, rows, n + columns, N, L->k, L->g);
+            for (int64_t b = 0; b < rows; b++) {
+                const float gate = y[b * N + n], up = y[b * N + n + columns];
+                out[b * columns + n] = gate / (1.f + expf(-gate)) * up;
+            }
+        }
+    }
+}
+
+/* Half-split rotary embedding (Hugging Face layout) of one head. */
+static void rotate(const float *x, const float *cos_, const float *sin_, float *out, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        out[i] = a * cos_[i] - b * sin_[i];
+        out[i + half] = b * cos_[i] + a * sin_[i];
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum(acc);
+}
+
+/* out = softmax(q . K[s] / sqrt(D) over the valid columns s < limit) . V, for one query head. */
+static void attend(const float *q, const float *K, const float *V, const uint8_t *valid, int64_t limit, int64_t D,
+                   float *scores, float *out) {
+    const float scale = 1.f / sqrtf((float)D);
+    float top = -INFINITY;
+    for (int64_t s = 0; s < limit; s++) {
+        if (!valid[s]) continue;
+        scores[s] = dot(q, K + s * D, D) * scale;
+        if (scores[s] > top) top = scores[s];
+    }
+    float total = 0.f;
+    for (int64_t s = 0; s < limit; s++)
+        if (valid[s]) total += scores[s] = expf(scores[s] - top);
+    __m256 acc[32]; /* D <= 256 */
+    for (int64_t i = 0; i < D / 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < limit; s++) {
+        if (!valid[s]) continue;
+        const __m256 p = _mm256_set1_ps(scores[s] / total);
+        for (int64_t i = 0; i < D / 8; i++) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(V + s * D + 8 * i), acc[i]);
+    }
+    for (int64_t i = 0; i < D / 8; i++) _mm256_storeu_ps(out + 8 * i, acc[i]);
+}
+
+static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+/* tokens (B,) in; slot, position (B,) advanced by one; valid (B, S) gains each row's new column; logits (B, N).
+   Returns 0; or, changing nothing, 1 when scratch memory could not be allocated, 2 for a token id outside the
+   vocabulary, 3 for a row whose cache is full. */
+int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, int64_t *position, uint8_t *valid,
+                         float *logits, int threads) {
+    const int64_t B = m->batch, d = m->hidden, D = m->head_dim, H = m->heads, Hkv = m->kv_heads, S = m->cache_len;
+    const int64_t QKV = (H + 2 * Hkv) * D, group = H / Hkv;
+    for (int64_t b = 0; b < B; b++) {
+        if (tokens[b] < 0 || tokens[b] >= m->vocab) return 2;
+        if (slot[b] < 0 || slot[b] >= S) return 3;
+    }
+    const Layer *first = &m->layer[0];
+    const int64_t widest = max3(m->head.n, first->qkv.n, first->gate_up.n);  /* the o and down outputs are d */
+    const int64_t groups = max3(d, m->ffn, H * D) / 32;                      /* group sums of any input, G >= 32 */
+    /* shared: x, qkv, attention output, SwiGLU activation, projection output, rotary cos|sin per row */
+    const int64_t shared = B * (d + QKV + H * D + m->ffn + widest + D);
+    /* per thread: normalised rows, attention scores, one rotated query, the input's group sums */
+    const int64_t own = B * d + S + D + B * groups;
+    float *scratch = (float *)malloc(sizeof(float) * (shared + threads * own));
+    int64_t *limit = (int64_t *)malloc(sizeof(int64_t) * B);
+    if (!scratch || !limit) {
+        free(scratch);
+        free(limit);
+        return 1;
+    }
+    float *x = scratch, *qkv = x + B * d, *attn = qkv + B * QKV, *act = attn + B * H * D, *y = act + B * m->ffn;
+    float *rope = y + B * widest;
+
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(x + b * d, m->embedding + tokens[b] * d, sizeof(float) * d);
+        for (int64_t i = 0; i < D / 2; i++) {
+            const float angle = (float)position[b] * m->inv_freq[i];
+            rope[b * D + i] = cosf(angle);
+            rope[b * D + D / 2 + i] = sinf(angle);
+        }
+        valid[b * S + slot[b]] = 1;
+        limit[b] = S; /* one past the last valid column */
+        while (limit[b] > 0 && !valid[b * S + limit[b] - 1]) limit[b]--;
+    }
+
+#pragma omp parallel num_threads(threads)
+    {
+        float *h = scratch + shared + omp_get_thread_num() * own;
+        float *scores = h + B * d, *q = scores + S, *xsum = q + D;
+        for (int64_t l = 0; l < m->layers; l++) {
+            const Layer *L = &m->layer[l];
+            norm_rows(x, L->input_norm, h, B, d, m->eps);
+            project(&L->qkv, h, B, qkv, NULL, STORE, xsum);
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < B * Hkv; u++) { /* the new key (rotated) and value into the cache */
+                const int64_t b = u / Hkv, g = u % Hkv, column = ((b * Hkv + g) * S + slot[b]) * D;
+                rotate(qkv + b * QKV + (H + g) * D, rope + b * D, rope + b * D + D / 2, L->keys + column, D);
+                memcpy(L->values + column, qkv + b * QKV + (H + Hkv + g) * D, sizeof(float) * D);
+            }
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < B * H; u++) {
+                const int64_t b = u / H, head = u % H, cache = (b * Hkv + head / group) * S * D;
+                rotate(qkv + b * QKV + head * D, rope + b * D, rope + b * D + D / 2, q, D);
+                attend(q, L->keys + cache, L->values + cache, valid + b * S, limit[b], D, scores,
+                       attn + (b * H + head) * D);
+            }
+            project(&L->o, attn, B, y, x, ADD_TO, xsum);
+            norm_rows(x, L->post_norm, h, B, d, m->eps);
+            project(&L->gate_up, h, B, y, act, SWIGLU, xsum);
+            project(&L->down, act, B, y, x, ADD_TO, xsum);
+        }
+        norm_rows(x, m->final_norm, h, B, d, m->eps);
+        project(&m->head, h, B, logits, NULL, STORE, xsum);
+    }
+
+    for (int64_t b = 0; b < B; b++) {
+        slot[b]++;
+        position[b]++;
+    }
+    free(scratch);
+    free(limit);
+    return 0;
+}

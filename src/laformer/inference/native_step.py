@@ -1,0 +1,177 @@
+"""The whole one-token decode step as one native call (``decode_step.c``), for plain LLaMA models on the CPU.
+
+The engine's PyTorch step, even compiled, spends about as long around its ~120 matrix-vector products (dispatch,
+the compiled graph's wrapper, 30 attention calls, a thread fork/join per product) as in them; the native step
+runs them, and the small work between them, in one OpenMP region. It reads the model's own tensors in place
+(no copy), so it serves float32, int8 and 4-bit weights alike, and it writes the engine's static cache, so the
+engine can switch between it and the PyTorch step at any token.
+
+``NativeStep.unsupported(model, cache)`` says why a model or batch cannot take this path (adapters, a sparse
+attention backend, bfloat16, a batch above 8 rows, ...); the engine then runs the PyTorch step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from laformer import native
+from laformer.attention import sdpa_attention
+from laformer.errors import GenerationError
+from laformer.inference.fused import FusedAttention, FusedMLP
+from laformer.inference.static_cache import StaticKVCache
+from laformer.model import DecoderLayer, RMSNorm
+from laformer.quantization import QuantizedLinear
+from laformer.quantization.kernels import CFLAGS
+from laformer.quantization.kernels import SOURCE as QGEMM_SOURCE
+
+SOURCE = Path(__file__).with_name("decode_step.c")
+MAX_ROWS = 8  # the column kernels' widest row block; larger batches run the PyTorch step (matmul-bound there)
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
+                ("bits", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("g", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "batch", "cache_len")] + [
+        ("eps", ctypes.c_float), ("embedding", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p),
+        ("final_norm", ctypes.c_void_p), ("head", _Linear), ("layer", ctypes.POINTER(_Layer))]
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if not native.has_avx2():
+        return None
+    library = native.load(SOURCE, CFLAGS, "decoding", depends=(QGEMM_SOURCE,))
+    if library is not None:
+        library.laformer_decode_step.restype = ctypes.c_int
+        library.laformer_decode_step.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+    return library
+
+
+def native_available() -> bool:
+    """True when the native step can be built and run on this machine (builds it on first call)."""
+    return _library() is not None
+
+
+def _float32_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def _linear_problem(module: nn.Module, name: str) -> str | None:
+    if isinstance(module, QuantizedLinear):
+        mins = module._mins()
+        if (module.bias is not None or not module.qweight.is_contiguous() or module.qweight.device.type != "cpu"
+                or not _float32_cpu(module.scales, *(() if mins is None else (mins,)))):
+            return f"{name} is a quantized linear with a bias, or off the CPU, or with non-float32 scales"
+        return None
+    if type(module) is nn.Linear:
+        if module.bias is not None or not _float32_cpu(module.weight):
+            return f"{name} is not a bias-free float32 linear on the CPU"
+        if module.in_features % 32:
+            return f"{name} has {module.in_features} inputs (the kernel needs a multiple of 32)"
+        return None
+    return f"{name} is a {type(module).__name__} (adapters and other wrappers run the PyTorch step)"
+
+
+def _describe(module: nn.Module) -> _Linear:
+    if isinstance(module, QuantizedLinear):
+        mins = module._mins()
+        return _Linear(module.qweight.data_ptr(), module.scales.data_ptr(), None if mins is None else mins.data_ptr(),
+                       module.bits, module.out_features, module.in_features, module.group_size)
+    return _Linear(module.weight.data_ptr(), None, None, 32, module.out_features, module.in_features,
+                   module.in_features)
+
+
+class NativeStep:
+    """Decodes one token per row of ``cache`` for ``model`` (a fused ``LaFormerForCausalLM``) in one native call.
+
+    Build it with ``NativeStep.unsupported(model, cache)`` returning None; it holds raw pointers to the model's
+    tensors and the cache's buffers, so build a new one when either is replaced.
+    """
+
+    @staticmethod
+    def unsupported(model: nn.Module, cache: StaticKVCache) -> str | None:
+        """Why this model and cache cannot use the native step, or None when they can."""
+        if _library() is None:
+            return "the native kernel is unavailable here (no AVX2, no C compiler, or LAFORMER_NO_KERNELS is set)"
+        config, decoder = model.config, model.decoder
+        if cache.batch_size > MAX_ROWS:
+            return f"a batch of {cache.batch_size} rows (the native step takes up to {MAX_ROWS})"
+        if config.head_dim % 8 or config.head_dim > 256 or config.num_attention_heads % config.num_key_value_heads:
+            return f"head_dim {config.head_dim} (the native step needs a multiple of 8 up to 256)"
+        if not _float32_cpu(decoder.embed_tokens.weight, decoder.norm.weight, decoder.rotary_emb.inv_freq,
+                            *cache.keys, *cache.values):
+            return "the embedding, norms or cache are not float32 on the CPU"
+        for i, layer in enumerate(decoder.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if type(layer) is not DecoderLayer or type(attn) is not FusedAttention or type(mlp) is not FusedMLP:
+                return f"layer {i} is not a plain fused decoder layer (fuse_projections could not fuse it)"
+            if attn.backend is not sdpa_attention:
+                return f"layer {i} uses another attention backend ({getattr(attn.backend, '__name__', attn.backend)})"
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if any(type(n) is not RMSNorm or not _float32_cpu(n.weight) for n in norms):
+                return f"layer {i} has norms that are not float32 RMSNorm"
+            for name in ("qkv_proj", "o_proj"):
+                if problem := _linear_problem(getattr(attn, name), f"layer {i} {name}"):
+                    return problem
+            for name in ("gate_up_proj", "down_proj"):
+                if problem := _linear_problem(getattr(mlp, name), f"layer {i} {name}"):
+                    return problem
+        if type(decoder.norm) is not RMSNorm:
+            return "the final norm is not RMSNorm"
+        return _linear_problem(model.lm_head, "lm_head")
+
+    def __init__(self, model: nn.Module, cache: StaticKVCache) -> None:
+        problem = self.unsupported(model, cache)
+        if problem:
+            raise GenerationError(f"the native decode step cannot run this model: {problem}")
+        config, decoder = model.config, model.decoder
+        self.model, self.cache = model, cache  # keep the tensors behind the pointers alive
+        layers = [
+            _Layer(_describe(layer.self_attn.qkv_proj), _describe(layer.self_attn.o_proj),
+                   _describe(layer.mlp.gate_up_proj), _describe(layer.mlp.down_proj),
+                   layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                   keys.data_ptr(), values.data_ptr())
+            for layer, keys, values in zip(decoder.layers, cache.keys, cache.values)
+        ]
+        self._layers = (_Layer * len(layers))(*layers)
+        self._model = _Model(
+            len(layers), config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+            config.intermediate_size, decoder.embed_tokens.num_embeddings, cache.batch_size, cache.max_length, config.rms_norm_eps,
+            decoder.embed_tokens.weight.data_ptr(), decoder.rotary_emb.inv_freq.data_ptr(),
+            decoder.norm.weight.data_ptr(), _describe(model.lm_head), self._layers,
+        )
+        self.vocab_size = model.lm_head.out_features
+
+    def __call__(self, tokens: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
+                 valid: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) for ``tokens`` (B,); advances ``slot`` and ``position`` and marks ``valid`` in place."""
+        tokens = tokens.to(torch.int64).contiguous()
+        logits = torch.empty(tokens.shape[0], self.vocab_size)
+        status = _library().laformer_decode_step(
+            ctypes.byref(self._model), tokens.data_ptr(), slot.data_ptr(), position.data_ptr(), valid.data_ptr(),
+            logits.data_ptr(), torch.get_num_threads())
+        if status:
+            raise GenerationError(_FAILURES[status])
+        return logits
+
+
+_FAILURES = {
+    1: "the native decode step could not allocate its scratch memory; free some memory",
+    2: "a token id is outside the model's vocabulary; pass ids produced by the model's tokenizer",
+    3: "a row's cache is full; reset the engine with a larger max_length (prompt length + max_new_tokens)",
+}
