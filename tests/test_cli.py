@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import shutil
 import subprocess
@@ -22,8 +23,8 @@ def default_loaded(monkeypatch, default_model, default_tokenizer):
     loads = []
 
     def load_model(args, model_class=None, with_tokenizer=True):
-        loads.append(args.model)
-        return default_model, default_tokenizer if with_tokenizer else None
+        loads.append(args.model)  # a copy: generation's decode engine fuses the model's projections in place
+        return copy.deepcopy(default_model), default_tokenizer if with_tokenizer else None
 
     monkeypatch.setattr(common, "load_model", load_model)
     return loads
@@ -65,6 +66,25 @@ def test_generate_chat_streams_the_answer_and_hides_stop_strings(default_loaded,
     assert "Paris" in full and default_loaded == ["smollm2-135m-instruct"]
     assert main(args + ["--stop", "Paris"]) == 0
     assert capsys.readouterr().out.strip() == full[: full.index("Paris")].strip()
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_generate_quantized_at_load_decodes_like_the_library(tmp_path, default_tokenizer, quantize, capsys):
+    from laformer.generation import generate
+
+    config = LaFormerConfig(vocab_size=default_tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64, tie_word_embeddings=True, eos_token_id=2,
+                            initializer_range=0.3)  # widely spread logits: no near-ties between the two paths
+    LaFormerForCausalLM.from_config(config, seed=0).save_pretrained(tmp_path)
+    default_tokenizer.save_pretrained(tmp_path)
+    assert main(["generate", "Hello", "--model", str(tmp_path), "--max-new-tokens", "6", "--quantize", quantize]) == 0
+    out = capsys.readouterr().out
+    model = LaFormerForCausalLM.from_pretrained(tmp_path, quantize=quantize)
+    tokenizer = default_tokenizer
+    ids = tokenizer("Hello", return_tensors="pt").input_ids
+    expected = generate(model, ids, max_new_tokens=6)[0, ids.shape[1]:]
+    assert out == tokenizer.decode(expected.tolist(), skip_special_tokens=True) + "\n"
 
 
 def test_generate_from_a_folder_with_sampling(tiny_folder, capsys):

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = common.sampling_options(args)
     model, tokenizer = common.load_model(args)
+    options.update(common.engine_options(args, model))
     interactive = sys.stdin.isatty()
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history = list(opening)

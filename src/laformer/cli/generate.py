@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     options = common.sampling_options(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = common.load_model(args)
+    options.update(common.engine_options(args, model))
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})
