@@ -203,12 +203,31 @@ def test_quantized_causal_checkpoint_loads_as_classifier(tmp_path):
     assert classifier(torch.randint(0, 128, (2, 5))).logits.shape == (2, 3)
 
 
-def test_bfloat16_load_keeps_scales_float32(tmp_path):
+def test_bfloat16_load_keeps_scales_float16(tmp_path):
     quantize_model(LaFormerForCausalLM.from_config(tiny_config(), seed=2), "int4", 32).save_pretrained(tmp_path)
     loaded = LaFormerForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")
     layer = loaded.model.layers[0].self_attn.q_proj
-    assert layer.scales.dtype == torch.float32 and layer.mins.dtype == torch.float32
+    assert layer.scales.dtype == torch.float16 and layer.mins.dtype == torch.float16
     assert loaded(torch.randint(0, 128, (1, 5))).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_checkpoints_with_float32_scales_still_load(tmp_path, mode):
+    """Checkpoints saved before scales became float16 load unchanged (their scales are float16 values)."""
+    from safetensors.torch import load_file, save_file
+
+    model = quantize_model(LaFormerForCausalLM.from_config(tiny_config(), seed=4), mode, 32).eval()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    assert state["model.layers.0.mlp.up_proj.scales"].dtype == torch.float16
+    save_file({k: v.float() if k.endswith((".scales", ".mins")) else v for k, v in state.items()}, weights,
+              metadata={"format": "pt"})
+    loaded = LaFormerForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.model.layers[0].mlp.up_proj.scales.dtype == torch.float16
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 def test_from_pretrained_quantize_argument(tmp_path):

@@ -14,7 +14,7 @@ from laformer.errors import CheckpointError
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-QUANTIZATION_FLOAT32 = (".scales", ".mins")
+QUANTIZATION_SCALES = (".scales", ".mins")
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -51,8 +51,8 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32):
                 for name in f.keys():
                     tensor = f.get_tensor(name)
                     tensor_types[name] = str(tensor.dtype).removeprefix("torch.")
-                    # A quantized layer's scales stay float32 whatever dtype is asked for (laformer.quantization).
-                    keep = not tensor.is_floating_point() or name.endswith(QUANTIZATION_FLOAT32)
+                    # A quantized layer's scales keep their dtype whatever dtype is asked for (laformer.quantization).
+                    keep = not tensor.is_floating_point() or name.endswith(QUANTIZATION_SCALES)
                     state_dict[name] = tensor if keep else tensor.to(dtype)
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"cannot read {file}: {exc}; the file is corrupt or truncated") from exc

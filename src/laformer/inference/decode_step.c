@@ -19,8 +19,8 @@
 
 typedef struct {
     const void *w;          /* int8 (N, K), packed 4-bit (N, K / 2) or float32 (N, K) */
-    const float *scales;    /* (N, K / G); NULL for float32 */
-    const float *mins;      /* (N, K / G) for 4-bit; else NULL */
+    const half *scales;     /* float16 (N, K / G); NULL for float32 */
+    const half *mins;       /* float16 (N, K / G) for 4-bit; else NULL */
     int64_t bits, n, k, g;  /* bits 4, 8 or 32; out features, in features, group size */
 } Linear;
 

@@ -74,9 +74,10 @@ def _float32_cpu(*tensors: torch.Tensor) -> bool:
 def _linear_problem(module: nn.Module, name: str) -> str | None:
     if isinstance(module, QuantizedLinear):
         mins = module._mins()
+        scales = (module.scales,) if mins is None else (module.scales, mins)
         if (module.bias is not None or not module.qweight.is_contiguous() or module.qweight.device.type != "cpu"
-                or not _float32_cpu(module.scales, *(() if mins is None else (mins,)))):
-            return f"{name} is a quantized linear with a bias, or off the CPU, or with non-float32 scales"
+                or any(t.dtype != torch.float16 or not t.is_contiguous() for t in scales)):
+            return f"{name} is a quantized linear with a bias, or off the CPU, or with scales cast from float16"
         return None
     if type(module) is nn.Linear:
         if module.bias is not None or not _float32_cpu(module.weight):

@@ -5,8 +5,8 @@ calls it, taking GGUF Q8_0/Q4_0/Q4_1 tensors over byte for byte when their forma
 
 Checkpoint format (``save_pretrained`` of a quantized model, loaded back quantized by ``from_pretrained``):
 ``model.safetensors`` holds, for each quantized linear ``<name>``, ``<name>.qweight`` (int8 ``(out, in)`` or
-uint8 ``(out, in/2)`` packed nibbles in ggml's order), ``<name>.scales`` (float32 ``(out, in/group_size)``) and,
-for int4, ``<name>.mins`` (float32, same shape); value = q * scale (+ min). Everything else (embedding, norms, a
+uint8 ``(out, in/2)`` packed nibbles in ggml's order), ``<name>.scales`` (float16 ``(out, in/group_size)``) and,
+for int4, ``<name>.mins`` (float16, same shape); value = q * scale (+ min). Everything else (embedding, norms, a
 classifier's ``score``) stays float. ``config.json`` carries ``quantization_config`` (``quant_method:
 "laformer"``, ``mode``, ``group_size``, ``head_mode``, ``layers_from_gguf_blocks``) at the top level, where Hugging
 Face tools look for it, and under ``laformer``, which is what marks the folder as quantized for us. ``transformers``
@@ -145,9 +145,9 @@ def swap_for_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
         cls = WeightOnlyInt8Linear if qweight.dtype == torch.int8 else WeightOnlyInt4Linear
         module = cls(linear.in_features, linear.out_features, group, linear.bias is not None, device="meta")
         _set(model, name, module)
-        for buffer in ("scales", "mins"):
+        for buffer in ("scales", "mins"):  # float16; checkpoints written before were float32
             if f"{name}.{buffer}" in state:
-                state[f"{name}.{buffer}"] = state[f"{name}.{buffer}"].float()
+                state[f"{name}.{buffer}"] = state[f"{name}.{buffer}"].to(torch.float16)
 
 
 def is_quantized(model: nn.Module) -> bool:

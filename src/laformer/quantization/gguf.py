@@ -1,7 +1,7 @@
 """ggml blocks straight into quantized linears: Q8_0 -> int8 and Q4_0/Q4_1 -> int4, both with group size 32.
 
-The packed values are copied byte for byte and the float16 block scales widened to float32, so the layer's
-``dequantize()`` equals ggml's dequantization exactly: no float round trip, no second rounding.
+The packed values and the float16 block scales are copied as they are, so the layer's ``dequantize()`` equals
+ggml's dequantization exactly: no float round trip, no second rounding.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _blocks(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...
 
 
 def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    return blocks[:, :, start:start + 2].contiguous().view(torch.float16).squeeze(-1).float()
+    return blocks[:, :, start:start + 2].contiguous().view(torch.float16).squeeze(-1)
 
 
 def linear_from_ggml(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> QuantizedLinear:
@@ -43,7 +43,7 @@ def linear_from_ggml(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple
         module.scales.copy_(_half(blocks, 0))
         return module
     module = WeightOnlyInt4Linear(in_features, out_features, GGML_GROUP)
-    if qtype == GGMLQuantizationType.Q4_0:  # (q - 8) * d  ==  q * d + (-8 d), exactly in float32
+    if qtype == GGMLQuantizationType.Q4_0:  # (q - 8) * d  ==  q * d + (-8 d), exactly (a power of two times d)
         scales = _half(blocks, 0)
         module.scales.copy_(scales)
         module.mins.copy_(-8 * scales)

@@ -29,7 +29,7 @@ from laformer import native
 
 SOURCE = Path(__file__).with_name("qgemm.c")
 OP_SOURCE = Path(__file__).with_name("qgemm_op.cpp")
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 # The schema and shape function live here, so the operator exists (and traces) whichever implementation is loaded.
 _LIBRARY = torch.library.Library("laformer", "DEF")

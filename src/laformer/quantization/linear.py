@@ -1,7 +1,9 @@
 """Weight-only quantized replacements for ``nn.Linear``: int8 (symmetric) and int4 (asymmetric, group-wise).
 
 The weights live in buffers (``qweight``, ``scales``, ``mins``) under the linear's own name, so a quantized
-model's ``state_dict`` is its checkpoint. Activations stay in float: small batches (decode) use the compiled
+model's ``state_dict`` is its checkpoint. Scales and minimums are float16, as in ggml's blocks: at group size 32,
+float32 ones would add half as many bytes again as the 4-bit values themselves, and decode reads every byte of
+the weights per token. Activations stay in float: small batches (decode) use the compiled
 kernel, larger ones (prefill, training) dequantize the matrix once per call and use the float matmul, which
 is faster there. There is deliberately no ``weight`` attribute: code that would modify ``weight`` in place
 (merging an adapter, say) must fail rather than write into a temporary copy; ``dequantize()`` gives the matrix.
@@ -45,6 +47,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((chunks & 0x0F, chunks >> 4), dim=2).reshape(N, half * 2)
 
 
+MIN_SCALE = 2.0**-14  # float16's smallest normal number: constant groups get a usable scale, never 0
+
+
+def _half_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to float16 values (kept in float32 for the quantization arithmetic)."""
+    return t.to(torch.float16).float()
+
+
 class QuantizedLinear(nn.Module):
     """Shared by both widths: shapes, the float fallback and the kernel dispatch."""
 
@@ -54,7 +64,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
-        self.register_buffer("scales", torch.ones(out_features, groups, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     def _mins(self) -> torch.Tensor | None:
@@ -68,13 +78,14 @@ class QuantizedLinear(nn.Module):
             and x.device.type == "cpu"
             and self.in_features % CHUNK == 0
             and self.qweight.is_contiguous()
+            and self.scales.dtype == torch.float16  # not after a model.to(dtype)
             and not (x.requires_grad and torch.is_grad_enabled())
             and kernels.available()
         ):
             mins = self._mins()
             y = kernels.qgemm(
-                x.reshape(rows, self.in_features).contiguous(), self.qweight, self.scales.float().contiguous(),
-                None if mins is None else mins.float().contiguous(), self.bits, self.group_size,
+                x.reshape(rows, self.in_features).contiguous(), self.qweight, self.scales.contiguous(),
+                None if mins is None else mins.contiguous(), self.bits, self.group_size,
             ).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         # Gradients flow to x (QLoRA) through F.linear; the quantized weights are buffers and stay frozen.
@@ -109,8 +120,7 @@ class WeightOnlyInt8Linear(QuantizedLinear):
         G = group_size or K
         module = cls(K, N, group_size, linear.bias is not None, device=linear.weight.device)
         w = linear.weight.detach().float().view(N, K // G, G)
-        scales = w.abs().amax(-1) / 127
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        scales = _half_precision((w.abs().amax(-1) / 127).clamp_min(MIN_SCALE))  # rounded before use: q matches it
         module.qweight.copy_(torch.round(w / scales[..., None]).clamp_(-127, 127).view(N, K))
         module.scales.copy_(scales)
         if linear.bias is not None:
@@ -137,7 +147,8 @@ class WeightOnlyInt4Linear(QuantizedLinear):
         check_group_size(group_size, in_features)
         super().__init__(in_features, out_features, group_size, bias, device)
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("mins", torch.zeros(out_features, in_features // group_size, device=device))
+        self.register_buffer("mins", torch.zeros(out_features, in_features // group_size, dtype=torch.float16,
+                                                 device=device))
 
     @classmethod
     @torch.no_grad()
@@ -146,9 +157,8 @@ class WeightOnlyInt4Linear(QuantizedLinear):
         check_group_size(G, K, name)
         module = cls(K, N, G, linear.bias is not None, device=linear.weight.device)
         w = linear.weight.detach().float().view(N, K // G, G)
-        low, high = w.amin(-1), w.amax(-1)
-        scales = (high - low) / 15
-        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        low = _half_precision(w.amin(-1))
+        scales = _half_precision(((w.amax(-1) - low) / 15).clamp_min(MIN_SCALE))
         q = torch.round((w - low[..., None]) / scales[..., None]).clamp_(0, 15)
         module.qweight.copy_(pack_int4(q.view(N, K)))
         module.scales.copy_(scales)

@@ -19,13 +19,15 @@ at::Tensor qgemm(const at::Tensor &x, const at::Tensor &qweight, const at::Tenso
                  const std::optional<at::Tensor> &mins, int64_t bits, int64_t group_size) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "qgemm: x must be (M, K) float32");
     TORCH_CHECK(bits == 4 || bits == 8, "qgemm: bits must be 4 or 8");
-    TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == at::kFloat,
-                "qgemm: qweight and float32 scales must be contiguous");
+    TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == at::kHalf,
+                "qgemm: qweight and float16 scales must be contiguous");
+    TORCH_CHECK(!mins.has_value() || (mins->is_contiguous() && mins->scalar_type() == at::kHalf),
+                "qgemm: mins must be contiguous float16");
     const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
     at::Tensor y = at::empty({M, N}, x.options());
-    const float *min_ptr = mins.has_value() ? mins->const_data_ptr<float>() : nullptr;
+    const half *min_ptr = mins.has_value() ? static_cast<const half *>(mins->const_data_ptr()) : nullptr;
     laformer_qgemm(static_cast<int>(bits), x.const_data_ptr<float>(), qweight.const_data_ptr(),
-                   scales.const_data_ptr<float>(), min_ptr, y.mutable_data_ptr<float>(), M, N, K, group_size,
+                   static_cast<const half *>(scales.const_data_ptr()), min_ptr, y.mutable_data_ptr<float>(), M, N, K, group_size,
                    at::get_num_threads());
     return y;
 }
