@@ -71,6 +71,7 @@ def test_generate_chat_streams_the_answer_and_hides_stop_strings(default_loaded,
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_generate_quantized_at_load_decodes_like_the_library(tmp_path, default_tokenizer, quantize, capsys):
     from laformer.generation import generate
+    from laformer.inference import DecodeEngine
 
     config = LaFormerConfig(vocab_size=default_tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -83,7 +84,7 @@ def test_generate_quantized_at_load_decodes_like_the_library(tmp_path, default_t
     model = LaFormerForCausalLM.from_pretrained(tmp_path, quantize=quantize)
     tokenizer = default_tokenizer
     ids = tokenizer("Hello", return_tensors="pt").input_ids
-    expected = generate(model, ids, max_new_tokens=6)[0, ids.shape[1]:]
+    expected = generate(model, ids, max_new_tokens=6, engine=DecodeEngine(model))[0, ids.shape[1]:]
     assert out == tokenizer.decode(expected.tolist(), skip_special_tokens=True) + "\n"
 
 

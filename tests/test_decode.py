@@ -13,11 +13,19 @@ from laformer import GenerationError, LaFormerConfig, LaFormerForCausalLM
 from laformer.generation import generate
 from laformer.inference import DecodeEngine, StaticKVCache, fuse_projections
 from laformer.inference.native_step import native_available
+
+TEXT = ("The history of the city begins in the Roman period, when a small settlement grew up at a crossing of the "
+        "river. Over the following centuries it became a market town, and by the middle ages it was one of the "
+        "largest ports of the region. Its cathedral, begun in the twelfth century, took almost two hundred years.")
 from laformer.quantization import quantize_model
 
 # A large init spreads the logits, so greedy choices are far from ties and token sequences compare exactly.
 CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, eos_token_id=None)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -106,20 +114,30 @@ def test_engine_with_sampling_and_repetition_penalty_matches_plain(tiny, batch):
                                generate(tiny, ids, mask, **options))
 
 
-@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_engine_composes_with_quantized_models(tiny, batch, mode, native):
+def test_engine_composes_with_quantized_models(tiny, batch, mode):
+    """The PyTorch step keeps float activations: exactly plain generation (the native step is tested below)."""
     ids, mask = batch
     model = quantize_model(copy.deepcopy(tiny), mode, 32)
     expected = generate(model, ids, mask, max_new_tokens=10)
-    engine = DecodeEngine(model, native=native)  # fuses the quantized projections too
+    engine = DecodeEngine(model, native=False)  # fuses the quantized projections too
     torch.testing.assert_close(generate(model, ids, mask, max_new_tokens=10, engine=engine), expected)
-    assert engine.path == ("native" if native and native_available() else "eager")
+
+
+@pytest.fixture
+def int8_activations(monkeypatch):
+    """Make the PyTorch step's quantized products use the native step's arithmetic (int8-rounded activations)."""
+    from laformer.quantization import kernels
+
+    def qgemm(x, qweight, scales, mins, bits, group_size):
+        return kernels.ctypes_kernel()(x, qweight, scales, mins, bits, group_size, int8_activations=True)
+
+    monkeypatch.setattr(kernels, "qgemm", qgemm)
 
 
 @pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
-def test_native_step_matches_the_pytorch_step(tiny, batch, mode):
+def test_native_step_matches_the_pytorch_step(tiny, batch, mode, int8_activations):
     """Same logits step by step, on a left-padded batch, with a row refilled mid-way (continuous batching)."""
     ids, mask = batch
     model = copy.deepcopy(tiny)
@@ -134,12 +152,16 @@ def test_native_step_matches_the_pytorch_step(tiny, batch, mode):
             refill = torch.tensor([5, 9, 2, 7])
             torch.testing.assert_close(native.prefill_row(1, refill), python.prefill_row(1, refill))
         logits = [engine.decode(tokens) for engine in (native, python)]
-        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+        if mode is None:  # the same float arithmetic up to summation order
+            torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+            assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+        else:  # a float rounding difference upstream can move an activation by one int8 step: close, not equal
+            assert relative_error(logits[0], logits[1]) < 0.05
         tokens = logits[1].argmax(-1)
     for name in ("slot", "position", "valid"):
         assert torch.equal(getattr(native, name), getattr(python, name))
     for mine, theirs in zip(native.cache.keys + native.cache.values, python.cache.keys + python.cache.values):
-        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+        assert relative_error(mine, theirs) < (1e-5 if mode is None else 0.05)
 
 
 @pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
@@ -259,17 +281,21 @@ def test_compiled_step_traces_the_quantized_kernel(tiny, batch):
 
 
 @pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
-def test_native_step_on_the_default_model_gives_the_pytorch_steps_tokens(default_gguf_path, default_tokenizer):
-    """The real model, 4-bit from its GGUF blocks: same greedy tokens, logits within float rounding, batch 1 and 2."""
-    model = LaFormerForCausalLM.from_pretrained(default_gguf_path, quantize="int4")
-    prompts = ["The capital of France is", "def fibonacci(n):\n    "]
-    batch = default_tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+@pytest.mark.parametrize("mode, cost", [("int8", 0.01), ("int4", 0.03)])
+def test_native_step_on_the_default_model_scores_text_like_the_pytorch_step(default_gguf_path, default_tokenizer,
+                                                                            mode, cost):
+    """Teacher-forced through both steps: the int8 activations change the loss by little, the top choice rarely."""
+    model = LaFormerForCausalLM.from_pretrained(default_gguf_path, quantize=mode)
+    ids = default_tokenizer(TEXT, return_tensors="pt").input_ids[:, :64]
     native, python = DecodeEngine(model), DecodeEngine(copy.deepcopy(model), native=False)
-    outputs = [generate(engine.model, ids, mask, max_new_tokens=24, engine=engine) for engine in (native, python)]
+    losses, agree = {native: 0.0, python: 0.0}, 0
+    logits = {engine: engine.prefill(ids[:, :1], None, ids.shape[1]) for engine in (native, python)}
+    for t in range(1, ids.shape[1]):
+        for engine in (native, python):
+            losses[engine] -= float(torch.log_softmax(logits[engine][0], -1)[ids[0, t]])
+        agree += int(logits[native].argmax() == logits[python].argmax())
+        if t < ids.shape[1] - 1:
+            logits = {engine: engine.decode(ids[:, t]) for engine in (native, python)}
     assert native.path == "native" and python.path == "eager"
-    assert torch.equal(outputs[0], outputs[1])
-    single = [generate(engine.model, ids[1:], max_new_tokens=8, engine=engine) for engine in (native, python)]
-    assert torch.equal(single[0], single[1])
-    logits = [engine.decode(torch.tensor([42])) for engine in (native, python)]
-    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-3)
+    assert abs(losses[native] / losses[python] - 1) < cost
+    assert agree >= 0.85 * (ids.shape[1] - 1)

@@ -102,6 +102,36 @@ def test_ctypes_kernel_equals_the_operator(bits):
     assert torch.equal(kernels.qgemm(*args), kernels.ctypes_kernel()(*args))
 
 
+def int8_activation_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """The native decode step's arithmetic: activations rounded to ggml Q8_0 blocks (per 32 values, scale
+    max |x| / 127, round half to even) times the dequantized weights, 4-bit minimums applied to the float x."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    rounded = (torch.round(blocks * inverse) * (amax / 127)).reshape(x.shape)
+    y = F.linear(rounded, layer.dequantize())
+    if layer.bits == 4:
+        y = y + F.linear(x - rounded, layer.mins.float().repeat_interleave(layer.group_size, dim=1))
+    return y
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 8])  # the kernel's row blocks: 8, 4 and single rows
+@pytest.mark.parametrize("bits, group_size", [(8, 32), (8, None), (4, 32), (4, 64)])
+def test_int8_activation_kernels(bits, group_size, rows):
+    """The native decode step's kernels (ggml Q8_0 activations, as llama.cpp) against their arithmetic in torch."""
+    if not kernels.available():
+        pytest.skip("no kernel on this machine")
+    linear = random_linear(256, 80)
+    layer = (WeightOnlyInt8Linear.from_float(linear, group_size) if bits == 8
+             else WeightOnlyInt4Linear.from_float(linear, group_size))
+    x = torch.randn(rows, 256)
+    x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
+    y = kernels.ctypes_kernel()(x, layer.qweight, layer.scales, getattr(layer, "mins", None), bits, layer.group_size,
+                                int8_activations=True)
+    torch.testing.assert_close(y, int8_activation_reference(layer, x), rtol=1e-4, atol=1e-5)
+    assert relative_error(y, F.linear(x, layer.dequantize())) < 0.015  # the rounding's cost: ~0.5%
+
+
 def test_int4_pack_roundtrip_and_ggml_order():
     q = torch.randint(0, 16, (3, 64), dtype=torch.uint8)
     packed = pack_int4(q)

@@ -53,25 +53,31 @@ static void norm_rows(const float *x, const float *weight, float *out, int64_t r
     }
 }
 
-/* y = x @ W^T split by output column across the team, with the consumer of each column fused in:
-   STORE leaves y; ADD_TO adds y to out (the residual stream); SWIGLU treats the first and second halves of the
-   columns as gate and up and writes silu(gate) * up to out. Ends at the worksharing loop's barrier. */
-static void project(const Linear *L, const float *x, int64_t rows, float *y, float *out, int how, float *xsum) {
-    if (L->mins) group_sums(x, rows, L->k, L->g, xsum); /* each thread its own copy */
+/* y = x @ W^T split by output column across the team (a contiguous range per thread), with the consumer of each
+   column fused in: STORE leaves y; ADD_TO adds y to out (the residual stream); SWIGLU treats the first and second
+   halves of the columns as gate and up and writes silu(gate) * up to out. Ends at a barrier. */
+static void project(const Linear *L, const float *x, int64_t rows, float *y, float *out, int how, void *scratch) {
+    /* Quantized weights multiply int8 activations (qgemm.c); each thread rounds its own copy, which costs less than
+       a barrier. Float weights read x. */
+    const Blocks none = {0};
+    const Blocks a = L->bits == 32 ? none : quantize_rows(x, rows, L->k, L->g, scratch);
     const int64_t N = L->n, columns = how == SWIGLU ? N / 2 : N;
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < columns; n++) {
-        qgemm_column((int)L->bits, x, L->w, L->scales, L->mins, xsum, y, rows, n, N, L->k, L->g);
-        if (how == ADD_TO) {
-            for (int64_t b = 0; b < rows; b++) out[b * N + n] += y[b * N + n];
-        } else if (how == SWIGLU) {
-            qgemm_column((int)L->bits, x, L->w, L->scales, L->mins, xsum, y, rows, n + columns, N, L->k, L->g);
-            for (int64_t b = 0; b < rows; b++) {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t n0 = columns * t / T, n1 = columns * (t + 1) / T;
+    qgemm_columns((int)L->bits, x, NULL, a, L->w, L->scales, L->mins, y, rows, n0, n1, N, L->k, L->g);
+    if (how == SWIGLU) {
+        qgemm_columns((int)L->bits, x, NULL, a, L->w, L->scales, L->mins, y, rows, n0 + columns, n1 + columns, N, L->k,
+                      L->g);
+        for (int64_t b = 0; b < rows; b++)
+            for (int64_t n = n0; n < n1; n++) {
                 const float gate = y[b * N + n], up = y[b * N + n + columns];
                 out[b * columns + n] = gate / (1.f + expf(-gate)) * up;
             }
-        }
+    } else if (how == ADD_TO) {
+        for (int64_t b = 0; b < rows; b++)
+            for (int64_t n = n0; n < n1; n++) out[b * N + n] += y[b * N + n];
     }
+#pragma omp barrier
 }
 
 /* Half-split rotary embedding (Hugging Face layout) of one head. */
@@ -128,11 +134,11 @@ int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, i
     }
     const Layer *first = &m->layer[0];
     const int64_t widest = max3(m->head.n, first->qkv.n, first->gate_up.n);  /* the o and down outputs are d */
-    const int64_t groups = max3(d, m->ffn, H * D) / 32;                      /* group sums of any input, G >= 32 */
+    const int64_t blocks = (blocks_bytes(B, max3(d, m->ffn, H * D)) + 3) / 4; /* any input's int8 blocks */
     /* shared: x, qkv, attention output, SwiGLU activation, projection output, rotary cos|sin per row */
     const int64_t shared = B * (d + QKV + H * D + m->ffn + widest + D);
-    /* per thread: normalised rows, attention scores, one rotated query, the input's group sums */
-    const int64_t own = B * d + S + D + B * groups;
+    /* per thread: normalised rows, attention scores, one rotated query, the input's quantized blocks */
+    const int64_t own = B * d + S + D + blocks;
     float *scratch = (float *)malloc(sizeof(float) * (shared + threads * own));
     int64_t *limit = (int64_t *)malloc(sizeof(int64_t) * B);
     if (!scratch || !limit) {
@@ -158,11 +164,11 @@ int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, i
 #pragma omp parallel num_threads(threads)
     {
         float *h = scratch + shared + omp_get_thread_num() * own;
-        float *scores = h + B * d, *q = scores + S, *xsum = q + D;
+        float *scores = h + B * d, *q = scores + S, *own_blocks = q + D;
         for (int64_t l = 0; l < m->layers; l++) {
             const Layer *L = &m->layer[l];
             norm_rows(x, L->input_norm, h, B, d, m->eps);
-            project(&L->qkv, h, B, qkv, NULL, STORE, xsum);
+            project(&L->qkv, h, B, qkv, NULL, STORE, own_blocks);
 #pragma omp for schedule(static)
             for (int64_t u = 0; u < B * Hkv; u++) { /* the new key (rotated) and value into the cache */
                 const int64_t b = u / Hkv, g = u % Hkv, column = ((b * Hkv + g) * S + slot[b]) * D;
@@ -176,13 +182,13 @@ int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, i
                 attend(q, L->keys + cache, L->values + cache, valid + b * S, limit[b], D, scores,
                        attn + (b * H + head) * D);
             }
-            project(&L->o, attn, B, y, x, ADD_TO, xsum);
+            project(&L->o, attn, B, y, x, ADD_TO, own_blocks);
             norm_rows(x, L->post_norm, h, B, d, m->eps);
-            project(&L->gate_up, h, B, y, act, SWIGLU, xsum);
-            project(&L->down, act, B, y, x, ADD_TO, xsum);
+            project(&L->gate_up, h, B, y, act, SWIGLU, own_blocks);
+            project(&L->down, act, B, y, x, ADD_TO, own_blocks);
         }
         norm_rows(x, m->final_norm, h, B, d, m->eps);
-        project(&m->head, h, B, logits, NULL, STORE, xsum);
+        project(&m->head, h, B, logits, NULL, STORE, own_blocks);
     }
 
     for (int64_t b = 0; b < B; b++) {

@@ -2,8 +2,9 @@
 
 PyTorch's own weight-only kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) measured 3-30x
 slower than a float32 matmul here (bench/quantize.py), and FBGEMM's dynamic int8 linear, though fast, quantizes
-the activations per tensor (+183% perplexity on SmolLM2-135M), so decode uses this ~100-line AVX2 kernel: 6-8x
-faster than float32 on a SmolLM2 linear at batch 1, 1.0-1.7x at 8 rows (above that, dequantize + matmul).
+the activations per tensor (+183% perplexity on SmolLM2-135M), so decode uses this small AVX2 kernel with float
+activations: 6-8x faster than float32 on a SmolLM2 linear at batch 1, 1.0-1.7x at 8 rows (above that, dequantize
++ matmul). The native decode step (laformer.inference) uses the same file's int8-activation kernels.
 
 The operator's CPU implementation is, in order of preference:
 - native: ``qgemm_op.cpp`` (the C kernel plus a ``TORCH_LIBRARY_IMPL``) built with the C++ compiler against
@@ -57,15 +58,17 @@ def _load_native() -> None:
 def ctypes_kernel():
     """The C kernel through ctypes, as a function with the operator's signature (builds it on first call)."""
     fn = ctypes.CDLL(str(native.build(SOURCE, CFLAGS))).laformer_qgemm
-    fn.restype = None
-    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
 
-    def qgemm_ctypes(x, qweight, scales, mins, bits, group_size):
+    def qgemm_ctypes(x, qweight, scales, mins, bits, group_size, int8_activations=False):
+        """``int8_activations``: the native decode step's arithmetic (activations rounded to int8 blocks)."""
         M, K = x.shape
         N = qweight.shape[0]
         y = torch.empty(M, N, dtype=torch.float32)
-        fn(bits, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
-           y.data_ptr(), M, N, K, group_size, torch.get_num_threads())
+        if fn(bits, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
+              y.data_ptr(), M, N, K, group_size, torch.get_num_threads(), int8_activations):
+            raise MemoryError("qgemm: out of memory for the quantized activations")
         return y
 
     return qgemm_ctypes

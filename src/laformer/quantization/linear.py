@@ -3,10 +3,10 @@
 The weights live in buffers (``qweight``, ``scales``, ``mins``) under the linear's own name, so a quantized
 model's ``state_dict`` is its checkpoint. Scales and minimums are float16, as in ggml's blocks: at group size 32,
 float32 ones would add half as many bytes again as the 4-bit values themselves, and decode reads every byte of
-the weights per token. Activations stay in float: small batches (decode) use the compiled
-kernel, larger ones (prefill, training) dequantize the matrix once per call and use the float matmul, which
-is faster there. There is deliberately no ``weight`` attribute: code that would modify ``weight`` in place
-(merging an adapter, say) must fail rather than write into a temporary copy; ``dequantize()`` gives the matrix.
+the weights per token. Activations stay in float: small batches (decode) use the compiled kernel, larger ones
+(prefill, training) dequantize the matrix once per call and use the float matmul, which is faster there. There
+is deliberately no ``weight`` attribute: code that would modify ``weight`` in place (merging an adapter, say)
+must fail rather than write into a temporary copy; ``dequantize()`` gives the matrix.
 """
 
 from __future__ import annotations
