@@ -106,6 +106,24 @@ def test_engine_equals_plain_generate_on_padded_batch(tiny, batch, native):
     torch.testing.assert_close(engine.prefill(ids, mask), reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_unpadded_prompts_prefill_on_the_causal_path(tiny, native, monkeypatch):
+    """No padding: attention sees only the prompt's columns and no mask (SDPA's causal path); same results."""
+    from laformer import attention
+
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(4))
+    engine = DecodeEngine(copy.deepcopy(tiny), native=native)
+    seen = []
+    real_sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((k.shape[-2], kw.get("is_causal"))) or real_sdpa(q, k, v, **kw))
+    with torch.no_grad():
+        torch.testing.assert_close(engine.prefill(ids, None, 5), tiny(ids).logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert seen[0] == (9, True)
+    torch.testing.assert_close(generate(engine.model, ids, max_new_tokens=8, engine=engine),
+                               generate(tiny, ids, max_new_tokens=8))
+
+
 def test_engine_with_sampling_and_repetition_penalty_matches_plain(tiny, batch):
     ids, mask = batch
     options = dict(max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=3)

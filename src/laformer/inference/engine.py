@@ -147,11 +147,17 @@ class DecodeEngine:
         valid = self.valid[rows]
         valid.zero_()
         valid[:, :T] = real
-        queries = torch.arange(T, device=self.device)
-        mask = (self.columns[None, :] <= queries[:, None]) & valid[:, None, :]  # (B, T, S): causal, no padding
-        mask[:, queries, queries] = True  # a padding query attends to itself, so no row is empty (NaN)
-        slots = queries.expand(B, T)
-        logits = self._forward(input_ids, positions, slots, mask[:, None], self.cache.rows(start, start + B))
+        if attention_mask is None and B == self.cache.batch_size:
+            # Whole unpadded prompts from column 0: the cache's append mode hands attention just the T columns
+            # written, with no mask, so SDPA takes its causal path and skips the masked half of the scores.
+            self.cache.reset()
+            logits = self._forward(input_ids, positions, None, None, self.cache)
+        else:
+            queries = torch.arange(T, device=self.device)
+            mask = (self.columns[None, :] <= queries[:, None]) & valid[:, None, :]  # (B, T, S): causal, no padding
+            mask[:, queries, queries] = True  # a padding query attends to itself, so no row is empty (NaN)
+            slots = queries.expand(B, T)
+            logits = self._forward(input_ids, positions, slots, mask[:, None], self.cache.rows(start, start + B))
         self.slot[rows] = T
         self.position[rows] = positions[:, -1] + 1
         return logits
@@ -166,7 +172,7 @@ class DecodeEngine:
         return logits
 
     def _forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None, mask: torch.Tensor | None,
         cache: StaticKVCache,
     ) -> torch.Tensor:
         decoder = self.model.decoder
