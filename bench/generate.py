@@ -55,6 +55,22 @@ def _window_perplexity(model, windows: list[list[int]]) -> float:
     return math.exp(nll / count)
 
 
+def _decode_perplexity(engine, windows: list[list[int]]) -> float:
+    """Perplexity of the same windows teacher-forced through the engine's decode step, one token at a time: what
+    generation sees (the native step's int8 activations differ from the forward pass's float ones)."""
+    import torch
+
+    nll, count = 0.0, 0
+    for window in windows:
+        logits = engine.prefill(torch.tensor([window[:1]]), None, len(window))
+        for t in range(1, len(window)):
+            nll -= float(torch.log_softmax(logits[0], -1)[window[t]])
+            if t < len(window) - 1:
+                logits = engine.decode(torch.tensor([window[t]]))
+        count += len(window) - 1
+    return math.exp(nll / count)
+
+
 def _best(fn, repeats: int) -> float:
     """Fastest of ``repeats`` timed calls (the least disturbed by other processes)."""
     times = []
@@ -107,8 +123,10 @@ def worker_laformer(mode: str, data: dict) -> dict:
         prefill = len(data["prefill_prompt"]) / _best(lambda: engine.prefill(prompt, None, 1), data["repeats"])
         rss = _peak_rss_mb()
         ppl = _window_perplexity(model, data["ppl_windows"])
+        # The PyTorch steps compute the forward pass's arithmetic (float activations); the native one may not.
+        decode_ppl = _decode_perplexity(engine, data["ppl_windows"]) if step == "native" else None
     return dict(load=load, warmup=warmup, rss=rss, prefill=prefill, decode1=decode1, decode8=decode8,
-                ppl=ppl, weight_bytes=weight_bytes, greedy=out1[0], greedy8=out8,
+                ppl=ppl, decode_ppl=decode_ppl, weight_bytes=weight_bytes, greedy=out1[0], greedy8=out8,
                 compiled=engine.compiled, path=engine.path)
 
 
@@ -264,6 +282,13 @@ def available(mode: str) -> str | None:
     return None
 
 
+_NATIVE_NOTE = " (the native step rounds activations to int8 for quantized weights: compare by dec ppl)"
+
+
+def _shared_prefix(a: list, b: list) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -316,7 +341,7 @@ def main() -> None:
           "CPUs (other processes share the machine: compare ratios, not absolute numbers); "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (threads spin)')}\n")
     header = (f"{'side':<24}{'load s':>7}{'RSS MB':>8}{'prefill t/s':>12}{'dec b1 t/s':>11}{'dec b8 t/s':>11}"
-              f"{'ppl':>8}{'MB/token':>9}{'b1 bound':>9}{'of bound':>9}{'b1/hf':>7}{'b1/llama':>9}{'b8/hf':>7}"
+              f"{'ppl':>8}{'dec ppl':>8}{'MB/token':>9}{'b1 bound':>9}{'of bound':>9}{'b1/hf':>7}{'b1/llama':>9}{'b8/hf':>7}"
               f"{'pre/hf':>7}{'pre/llama':>10}")
     print(header)
     print("-" * len(header))
@@ -328,21 +353,29 @@ def main() -> None:
     for mode, r in results.items():
         bound = bandwidth * 1e9 / r["weight_bytes"]
         print(f"{mode:<24}{r['load']:>7.1f}{r['rss']:>8.0f}{r['prefill']:>12.1f}{r['decode1']:>11.1f}"
-              f"{fmt(r['decode8']):>11}{r['ppl']:>8.2f}{r['weight_bytes'] / 1e6:>9.1f}{bound:>9.1f}"
+              f"{fmt(r['decode8']):>11}{r['ppl']:>8.2f}{fmt(r.get('decode_ppl'), '.2f'):>8}"
+              f"{r['weight_bytes'] / 1e6:>9.1f}{bound:>9.1f}"
               f"{r['decode1'] / bound:>9.0%}{fmt(ratio(r, hf, 'decode1'), '.2f'):>7}"
               f"{fmt(ratio(r, cpp, 'decode1'), '.2f'):>9}{fmt(ratio(r, hf, 'decode8'), '.2f'):>7}"
               f"{fmt(ratio(r, hf, 'prefill'), '.2f'):>7}{fmt(ratio(r, cpp, 'prefill'), '.2f'):>10}")
-    print()
+    print("ppl: one forward pass per window; dec ppl: the same windows teacher-forced through the native decode step "
+          "(the eager and compiled steps compute the forward pass's arithmetic)\n")
     for mode, r in results.items():
         if r.get("warmup"):
             path = f", decoded by the {r['path']} step" if r.get("path") else ""
             print(f"{mode}: warm-up {r['warmup']:.1f} s{path}")
     for width in ("fp32", "int8", "int4"):
-        runs = {step: results.get(f"laformer-{width}{step}") for step in ("", "-eager", "-compiled")}
-        runs = {step.strip("-") or "native": r for step, r in runs.items() if r}
-        if len(runs) > 1:
-            same = len({json.dumps([r["greedy"], r["greedy8"]]) for r in runs.values()}) == 1
-            print(f"{width} greedy outputs, {' vs '.join(runs)} (batch 1 and 8): {'identical' if same else 'DIFFERENT'}")
+        native, eager, compiled = (results.get(f"laformer-{width}{step}") for step in ("", "-eager", "-compiled"))
+        if eager and compiled:
+            same = eager["greedy"] == compiled["greedy"] and eager["greedy8"] == compiled["greedy8"]
+            print(f"{width} greedy outputs, eager vs compiled (batch 1 and 8): {'identical' if same else 'DIFFERENT'}")
+        if native and (eager or compiled):
+            other = eager or compiled
+            rows = [native["greedy"], *native["greedy8"]], [other["greedy"], *other["greedy8"]]
+            shared = sum(_shared_prefix(a, b) for a, b in zip(*rows))
+            total = sum(len(a) for a in rows[0])
+            print(f"{width} greedy outputs, native vs {'eager' if eager else 'compiled'}: {shared}/{total} tokens "
+                  f"before the first difference, over the 9 rows{_NATIVE_NOTE if width != 'fp32' else ''}")
     eager = results.get("laformer-fp32")
     if eager:
         single_vs_batch = eager["greedy"] == eager["greedy8"][0]
