@@ -222,10 +222,11 @@ static inline float min_terms(const half *mins, const float *sums, int64_t group
 
 /* Output column n for R consecutive rows: each 32-weight chunk is unpacked once and used for all R rows, its
    integer dot product scaled by (weight scale x activation scale). A accumulators per row, rotated each chunk,
-   keep the FMA chains independent (a runtime index such as acc[c % A] would keep them in memory, 1.4x slower). int8 weights use the sign trick: |w| (unsigned) times x with the sign of w. */
+   keep the FMA chains independent (a runtime index such as acc[c % A] would keep them in memory, 1.4x slower).
+   int8 weights use the sign trick: |w| (unsigned) times x with the sign of w. */
 #define DEFINE_INT8_COLUMN(NAME, BITS, R, A)                                                                          \
-    static inline void NAME(Blocks a, const void *w, const half *scales, const half *mins, float *y, int64_t m0, int64_t n, \
-                     int64_t N, int64_t K, int64_t G) {                                                               \
+    static inline void NAME(Blocks a, const void *w, const half *scales, const half *mins, float *y, int64_t m0,      \
+                            int64_t n, int64_t N, int64_t K, int64_t G) {                                             \
         const int64_t groups = K / G, chunks = K / 32, per_group = G / 32; /* no division inside the loops */         \
         __m256 acc[R][A];                                                                                             \
         for (int r = 0; r < R; r++)                                                                                   \
