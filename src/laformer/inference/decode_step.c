@@ -121,31 +121,39 @@ static void attend(const float *q, const float *K, const float *V, const uint8_t
 
 static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
+/* The step's scratch in floats: shared buffers (x, qkv, attention output, SwiGLU activation, projection output,
+   rotary cos|sin per row) and one private set per thread (normalised rows, attention scores, one rotated query,
+   the input's int8 blocks). */
+static void scratch_layout(const Model *m, int64_t *shared, int64_t *own, int64_t *widest) {
+    const int64_t B = m->batch, d = m->hidden, D = m->head_dim, H = m->heads, Hkv = m->kv_heads;
+    const Layer *first = &m->layer[0];
+    *widest = max3(m->head.n, first->qkv.n, first->gate_up.n); /* the widest projection; o and down give d */
+    *shared = B * (d + (H + 2 * Hkv) * D + H * D + m->ffn + *widest + D);
+    *own = B * d + m->cache_len + D + (blocks_bytes(B, max3(d, m->ffn, H * D)) + 3) / 4;
+}
+
+/* Bytes of scratch laformer_decode_step needs with ``threads`` threads: the caller allocates it once, so a step
+   allocates nothing. */
+int64_t laformer_decode_scratch_bytes(const Model *m, int threads) {
+    int64_t shared, own, widest;
+    scratch_layout(m, &shared, &own, &widest);
+    return sizeof(int64_t) * m->batch + sizeof(float) * (shared + threads * own);
+}
+
 /* tokens (B,) in; slot, position (B,) advanced by one; valid (B, S) gains each row's new column; logits (B, N).
-   Returns 0; or, changing nothing, 1 when scratch memory could not be allocated, 2 for a token id outside the
-   vocabulary, 3 for a row whose cache is full. */
+   Returns 0; or, changing nothing, 2 for a token id outside the vocabulary, 3 for a row whose cache is full. */
 int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, int64_t *position, uint8_t *valid,
-                         float *logits, int threads) {
+                         float *logits, void *scratch_bytes, int threads) {
     const int64_t B = m->batch, d = m->hidden, D = m->head_dim, H = m->heads, Hkv = m->kv_heads, S = m->cache_len;
     const int64_t QKV = (H + 2 * Hkv) * D, group = H / Hkv;
     for (int64_t b = 0; b < B; b++) {
         if (tokens[b] < 0 || tokens[b] >= m->vocab) return 2;
         if (slot[b] < 0 || slot[b] >= S) return 3;
     }
-    const Layer *first = &m->layer[0];
-    const int64_t widest = max3(m->head.n, first->qkv.n, first->gate_up.n);  /* the o and down outputs are d */
-    const int64_t blocks = (blocks_bytes(B, max3(d, m->ffn, H * D)) + 3) / 4; /* any input's int8 blocks */
-    /* shared: x, qkv, attention output, SwiGLU activation, projection output, rotary cos|sin per row */
-    const int64_t shared = B * (d + QKV + H * D + m->ffn + widest + D);
-    /* per thread: normalised rows, attention scores, one rotated query, the input's quantized blocks */
-    const int64_t own = B * d + S + D + blocks;
-    float *scratch = (float *)malloc(sizeof(float) * (shared + threads * own));
-    int64_t *limit = (int64_t *)malloc(sizeof(int64_t) * B);
-    if (!scratch || !limit) {
-        free(scratch);
-        free(limit);
-        return 1;
-    }
+    int64_t shared, own, widest;
+    scratch_layout(m, &shared, &own, &widest);
+    int64_t *limit = (int64_t *)scratch_bytes; /* per row: one past the last valid column */
+    float *scratch = (float *)(limit + B);
     float *x = scratch, *qkv = x + B * d, *attn = qkv + B * QKV, *act = attn + B * H * D, *y = act + B * m->ffn;
     float *rope = y + B * widest;
 
@@ -157,7 +165,7 @@ int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, i
             rope[b * D + D / 2 + i] = sinf(angle);
         }
         valid[b * S + slot[b]] = 1;
-        limit[b] = S; /* one past the last valid column */
+        limit[b] = S;
         while (limit[b] > 0 && !valid[b * S + limit[b] - 1]) limit[b]--;
     }
 
@@ -195,7 +203,5 @@ int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, i
         slot[b]++;
         position[b]++;
     }
-    free(scratch);
-    free(limit);
     return 0;
 }

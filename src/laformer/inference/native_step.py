@@ -60,7 +60,9 @@ def _library() -> ctypes.CDLL | None:
     library = native.load(SOURCE, CFLAGS, "decoding", depends=(QGEMM_SOURCE,))
     if library is not None:
         library.laformer_decode_step.restype = ctypes.c_int
-        library.laformer_decode_step.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+        library.laformer_decode_step.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
+        library.laformer_decode_scratch_bytes.restype = ctypes.c_int64
+        library.laformer_decode_scratch_bytes.argtypes = [ctypes.POINTER(_Model), ctypes.c_int]
     return library
 
 
@@ -159,22 +161,26 @@ class NativeStep:
             decoder.norm.weight.data_ptr(), _describe(model.lm_head), self._layers,
         )
         self.vocab_size = model.lm_head.out_features
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def __call__(self, tokens: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
                  valid: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) for ``tokens`` (B,); advances ``slot`` and ``position`` and marks ``valid`` in place."""
         tokens = tokens.to(torch.int64).contiguous()
         logits = torch.empty(tokens.shape[0], self.vocab_size)
-        status = _library().laformer_decode_step(
+        threads, library = torch.get_num_threads(), _library()
+        needed = library.laformer_decode_scratch_bytes(ctypes.byref(self._model), threads)
+        if self._scratch.numel() < needed:  # once, or when the thread count grows
+            self._scratch = torch.empty(needed, dtype=torch.uint8)
+        status = library.laformer_decode_step(
             ctypes.byref(self._model), tokens.data_ptr(), slot.data_ptr(), position.data_ptr(), valid.data_ptr(),
-            logits.data_ptr(), torch.get_num_threads())
+            logits.data_ptr(), self._scratch.data_ptr(), threads)
         if status:
             raise GenerationError(_FAILURES[status])
         return logits
 
 
 _FAILURES = {
-    1: "the native decode step could not allocate its scratch memory; free some memory",
     2: "a token id is outside the model's vocabulary; pass ids produced by the model's tokenizer",
     3: "a row's cache is full; reset the engine with a larger max_length (prompt length + max_new_tokens)",
 }
