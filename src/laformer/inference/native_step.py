@@ -5,7 +5,7 @@ the compiled graph's wrapper, 30 attention calls, a thread fork/join per product
 runs them, and the small work between them, in one OpenMP region. It reads the model's own tensors in place
 (no copy), so it serves float32, int8 and 4-bit weights alike, and it writes the engine's static cache, so the
 engine can switch between it and the PyTorch step at any token. Quantized weights multiply int8-rounded
-activations there, as in llama.cpp (``quantization/qgemm.c``; +0.1% decode perplexity with int8 weights, +1.4%
+activations there, as in llama.cpp (``quantization/qgemm.c``; +0.0% decode perplexity with int8 weights, +1.1%
 with 4-bit on SmolLM2), where the PyTorch step keeps float activations.
 
 ``NativeStep.unsupported(model, cache)`` says why a model or batch cannot take this path (adapters, a sparse

@@ -9,8 +9,8 @@
  *   to int8 in blocks of 32 values with a float scale each (ggml's Q8_0: scale = max |x| / 127, round to nearest
  *   even) and AVX2's maddubs multiplies 32 weight bytes by 32 activation bytes, adding neighbouring pairs, in one
  *   instruction: about half the instructions of widening every weight, and a batch-1 SmolLM2 step is
- *   instruction-bound on this CPU (1.8x faster per thread). The rounding costs decode perplexity (+0.1% with int8
- *   weights, +1.4% with 4-bit on SmolLM2; docs/quantization.md).
+ *   instruction-bound on this CPU (1.8x faster per thread). The rounding costs decode perplexity (+0.0% with int8
+ *   weights, +1.1% with 4-bit on SmolLM2; docs/quantization.md).
  *
  * Layouts (the module buffers, unchanged):
  *   bits 8: w int8 [N, K]; value = w * scales[n, k / G]
