@@ -145,7 +145,9 @@ class NativeStep:
         if problem:
             raise GenerationError(f"the native decode step cannot run this model: {problem}")
         config, decoder = model.config, model.decoder
-        self.model, self.cache = model, cache  # keep the tensors behind the pointers alive
+        # Hold every tensor behind the pointers, so replacing a model's weights (model.to(...), a new cache) can
+        # never leave the C code reading freed memory; the engine rebuilds this step at each new batch anyway.
+        self._held = [*model.parameters(), *model.buffers(), *cache.keys, *cache.values]
         layers = [
             _Layer(_describe(layer.self_attn.qkv_proj), _describe(layer.self_attn.o_proj),
                    _describe(layer.mlp.gate_up_proj), _describe(layer.mlp.down_proj),
