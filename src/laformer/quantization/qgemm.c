@@ -36,6 +36,13 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The sum of n accumulators. */
+static inline __m256 add_all(const __m256 *acc, int n) {
+    __m256 t = acc[0];
+    for (int j = 1; j < n; j++) t = _mm256_add_ps(t, acc[j]);
+    return t;
+}
+
 /* ------------------------------------------------------------------ float activations */
 
 static inline void widen_f32(const float *p, __m256 w[4]) {
@@ -83,9 +90,7 @@ static inline void widen_q4(const uint8_t *p, __m256 w[4]) {
             }                                                                                                         \
             const __m256 s = _mm256_set1_ps(widen(scales[n * groups + g]));                                           \
             for (int r = 0; r < R; r++) {                                                                             \
-                __m256 t = acc[r][0];                                                                                 \
-                for (int j = 1; j < A; j++) t = _mm256_add_ps(t, acc[r][j]);                                          \
-                out[r] = _mm256_fmadd_ps(s, t, out[r]);                                                               \
+                out[r] = _mm256_fmadd_ps(s, add_all(acc[r], A), out[r]);                                              \
                 if (mins) offset[r] += widen(mins[n * groups + g]) * xsum[(m0 + r) * groups + g];                     \
             }                                                                                                         \
         }                                                                                                             \
@@ -125,11 +130,7 @@ DEFINE_COLUMN(column_q4_4, 4, 4, 2)
                 }                                                                                                     \
             }                                                                                                         \
         }                                                                                                             \
-        for (int r = 0; r < R; r++) {                                                                                 \
-            __m256 t = out[r][0];                                                                                     \
-            for (int j = 1; j < A; j++) t = _mm256_add_ps(t, out[r][j]);                                              \
-            y[(m0 + r) * N + n] = hsum(t);                                                                            \
-        }                                                                                                             \
+        for (int r = 0; r < R; r++) y[(m0 + r) * N + n] = hsum(add_all(out[r], A));                                   \
     }
 
 DEFINE_DEQUANT_COLUMN(column_q8_8, 8, 8, 1)
@@ -252,9 +253,7 @@ static inline float min_terms(const half *mins, const float *sums, int64_t group
             }                                                                                                         \
         }                                                                                                             \
         for (int r = 0; r < R; r++) {                                                                                 \
-            __m256 t = acc[r][0];                                                                                     \
-            for (int j = 1; j < A; j++) t = _mm256_add_ps(t, acc[r][j]);                                              \
-            float out = hsum(t);                                                                                      \
+            float out = hsum(add_all(acc[r], A));                                                                     \
             if (mins) out += min_terms(mins + n * groups, a.sum + (m0 + r) * groups, groups);                         \
             y[(m0 + r) * N + n] = out;                                                                                \
         }                                                                                                             \
