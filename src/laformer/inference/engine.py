@@ -96,8 +96,8 @@ class DecodeEngine:
         for state in (self.valid, self.slot, self.position):
             state.zero_()  # in place: a compiled step keeps pointing at the same tensors
         if self.native:  # checked per batch: the batch size, the cache or the model's attention may have changed
-            self.native_problem = NativeStep.unsupported(self.model, self.cache)
-            self._native_step = None if self.native_problem else NativeStep(self.model, self.cache)
+            step = NativeStep.create(self.model, self.cache)
+            self._native_step, self.native_problem = (step, None) if isinstance(step, NativeStep) else (None, step)
 
     @torch.inference_mode()
     def prefill(

@@ -104,9 +104,14 @@ def _describe(module: nn.Module) -> _Linear:
 class NativeStep:
     """Decodes one token per row of ``cache`` for ``model`` (a fused ``LaFormerForCausalLM``) in one native call.
 
-    Build it with ``NativeStep.unsupported(model, cache)`` returning None; it holds raw pointers to the model's
-    tensors and the cache's buffers, so build a new one when either is replaced.
+    Build it with ``NativeStep.create(model, cache)``, which checks the model first; it holds raw pointers to the
+    model's tensors and the cache's buffers, so build a new one when either is replaced.
     """
+
+    @classmethod
+    def create(cls, model: nn.Module, cache: StaticKVCache) -> "NativeStep | str":
+        """The step for this model and cache, or why the native step cannot run them."""
+        return cls.unsupported(model, cache) or cls(model, cache)
 
     @staticmethod
     def unsupported(model: nn.Module, cache: StaticKVCache) -> str | None:
@@ -141,9 +146,7 @@ class NativeStep:
         return _linear_problem(model.lm_head, "lm_head")
 
     def __init__(self, model: nn.Module, cache: StaticKVCache) -> None:
-        problem = self.unsupported(model, cache)
-        if problem:
-            raise GenerationError(f"the native decode step cannot run this model: {problem}")
+        """For a model ``unsupported`` accepts (``create`` checks it)."""
         config, decoder = model.config, model.decoder
         # Hold every tensor behind the pointers, so replacing a model's weights (model.to(...), a new cache) can
         # never leave the C code reading freed memory; the engine rebuilds this step at each new batch anyway.
@@ -163,7 +166,7 @@ class NativeStep:
             decoder.norm.weight.data_ptr(), _describe(model.lm_head), self._layers,
         )
         self.vocab_size = model.lm_head.out_features
-        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch, self._scratch_threads = torch.empty(0, dtype=torch.uint8), 0
 
     def __call__(self, tokens: torch.Tensor, slot: torch.Tensor, position: torch.Tensor,
                  valid: torch.Tensor) -> torch.Tensor:
@@ -171,9 +174,10 @@ class NativeStep:
         tokens = tokens.to(torch.int64).contiguous()
         logits = torch.empty(tokens.shape[0], self.vocab_size)
         threads, library = torch.get_num_threads(), _library()
-        needed = library.laformer_decode_scratch_bytes(ctypes.byref(self._model), threads)
-        if self._scratch.numel() < needed:  # once, or when the thread count grows
-            self._scratch = torch.empty(needed, dtype=torch.uint8)
+        if threads != self._scratch_threads:  # once, or when the thread count changes
+            self._scratch = torch.empty(library.laformer_decode_scratch_bytes(ctypes.byref(self._model), threads),
+                                        dtype=torch.uint8)
+            self._scratch_threads = threads
         status = library.laformer_decode_step(
             ctypes.byref(self._model), tokens.data_ptr(), slot.data_ptr(), position.data_ptr(), valid.data_ptr(),
             logits.data_ptr(), self._scratch.data_ptr(), threads)

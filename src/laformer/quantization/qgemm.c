@@ -64,6 +64,13 @@ static inline void widen_q4(const uint8_t *p, __m256 w[4]) {
     w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));   /* values 24..31 */
 }
 
+/* ACC[r][.] += the 32 float weights V times row m0 + r of x at column k, for the R rows (inside a column kernel). */
+#define FMA_ROWS(ACC, V, R, A)                                                                                        \
+    for (int r = 0; r < R; r++) {                                                                                     \
+        const float *xr = x + (m0 + r) * K + k;                                                                       \
+        for (int j = 0; j < 4; j++) ACC[r][j % A] = _mm256_fmadd_ps(V[j], _mm256_loadu_ps(xr + 8 * j), ACC[r][j % A]); \
+    }
+
 /* One output column n for R consecutive rows of x: each weight chunk is widened once and used R times, and the
    scale (and min, through the group sums of x) is applied once per group and row. A (4 or 2) accumulators per row
    keep the FMA chains independent within the 16 vector registers. */
@@ -82,11 +89,7 @@ static inline void widen_q4(const uint8_t *p, __m256 w[4]) {
                 __m256 v[4];                                                                                          \
                 if (BITS == 8) widen_q8((const int8_t *)w + n * K + k, v);                                            \
                 else widen_q4((const uint8_t *)w + n * (K / 2) + k / 2, v);                                           \
-                for (int r = 0; r < R; r++) {                                                                         \
-                    const float *xr = x + (m0 + r) * K + k;                                                           \
-                    for (int j = 0; j < 4; j++)                                                                       \
-                        acc[r][j % A] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xr + 8 * j), acc[r][j % A]);            \
-                }                                                                                                     \
+                FMA_ROWS(acc, v, R, A);                                                                               \
             }                                                                                                         \
             const __m256 s = _mm256_set1_ps(widen(scales[n * groups + g]));                                           \
             for (int r = 0; r < R; r++) {                                                                             \
@@ -123,11 +126,7 @@ DEFINE_COLUMN(column_q4_4, 4, 4, 2)
                 else widen_f32((const float *)w + n * K + k, v);                                                      \
                 if (BITS != 32)                                                                                       \
                     for (int j = 0; j < 4; j++) v[j] = _mm256_fmadd_ps(v[j], s, b);                                   \
-                for (int r = 0; r < R; r++) {                                                                         \
-                    const float *xr = x + (m0 + r) * K + k;                                                           \
-                    for (int j = 0; j < 4; j++)                                                                       \
-                        out[r][j % A] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xr + 8 * j), out[r][j % A]);            \
-                }                                                                                                     \
+                FMA_ROWS(out, v, R, A);                                                                               \
             }                                                                                                         \
         }                                                                                                             \
         for (int r = 0; r < R; r++) y[(m0 + r) * N + n] = hsum(add_all(out[r], A));                                   \
@@ -149,8 +148,6 @@ static void group_sums(const float *x, int64_t M, int64_t K, int64_t G, float *x
     }
 }
 
-/* Output column n for all M rows of x: blocks of 8 rows, then 4, then single rows. bits is 4, 8 or 32 (float);
-   xsum (the group sums of x) is needed for 4-bit weights only. */
 /* ------------------------------------------------------------------ int8 activations */
 
 /* The activations of one call: per block of 32 values the int8 vector and its scale, and per group of G values
@@ -168,6 +165,7 @@ static inline Blocks quantize_rows(const float *x, int64_t M, int64_t K, int64_t
     Blocks a = {(int8_t *)buffer, (float *)((int8_t *)buffer + M * K), NULL};
     a.sum = a.scale + M * (K / 32);
     const __m256 sign = _mm256_set1_ps(-0.f);
+    const int64_t per_group = G / 32;
     for (int64_t i = 0; i < M * K / 32; i++) {
         __m256 v[4], top = _mm256_setzero_ps(), total = _mm256_setzero_ps();
         for (int j = 0; j < 4; j++) {
@@ -190,8 +188,8 @@ static inline Blocks quantize_rows(const float *x, int64_t M, int64_t K, int64_t
         _mm256_storeu_si256((__m256i *)(a.q + 32 * i), bytes);
         a.scale[i] = amax / 127.f;
         const float block_sum = hsum(total);
-        if (i % (G / 32) == 0) a.sum[i / (G / 32)] = 0.f; /* groups never straddle rows: G divides K */
-        a.sum[i / (G / 32)] += block_sum;
+        if (i % per_group == 0) a.sum[i / per_group] = 0.f; /* groups never straddle rows: G divides K */
+        a.sum[i / per_group] += block_sum;
     }
     return a;
 }
