@@ -2,7 +2,8 @@
 
 Part 1 times one SmolLM2-shaped linear (fp32 ``F.linear`` vs PyTorch's quantized kernels vs laformer's) at M = 1,
 8 and 512 rows. Each timing cycles through enough weight copies to overflow the CPU caches, as a decode step
-that touches every layer does. Part 2 loads the default model in fp32, int8 and int4 and reports batch-1 decode
+that touches every layer does ("laformer int8" rounds the activations to int8 at 512 rows, "w-only" keeps them
+float). Part 2 loads the default model in fp32, int8 and int4 and reports batch-1 decode
 tokens/s (the lean decode engine; per wall second and per CPU second of this process, the steadier measure on a
 shared host) and perplexity on wikitext-2 test text. Ratios are against fp32 in this run.
 
@@ -87,6 +88,9 @@ def kernel_table(copies_bytes: int = 96 << 20) -> None:
             linear = nn.Linear(K, N, bias=False)
             linear.weight.data.copy_(w)
             variants.setdefault("laformer int8", []).append(WeightOnlyInt8Linear.from_float(linear))
+            weight_only = WeightOnlyInt8Linear.from_float(linear)
+            weight_only.int8_activations = False  # float activations at every M
+            variants.setdefault("laformer int8 w-only", []).append(weight_only)
             variants.setdefault("laformer int4 g64", []).append(WeightOnlyInt4Linear.from_float(linear, 64))
             for name, fn in torch_kernels(w, 64).items():
                 variants.setdefault(name, []).append(fn)

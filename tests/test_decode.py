@@ -17,7 +17,7 @@ from laformer.inference.native_step import native_available
 TEXT = ("The history of the city begins in the Roman period, when a small settlement grew up at a crossing of the "
         "river. Over the following centuries it became a market town, and by the middle ages it was one of the "
         "largest ports of the region. Its cathedral, begun in the twelfth century, took almost two hundred years.")
-from laformer.quantization import quantize_model
+from laformer.quantization import quantize_model, set_int8_activations
 
 # A large init spreads the logits, so greedy choices are far from ties and token sequences compare exactly.
 CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -197,6 +197,11 @@ def test_native_step_falls_back_where_it_does_not_apply(tiny, batch, monkeypatch
     half = DecodeEngine(copy.deepcopy(tiny).to(torch.bfloat16))
     half.prefill(ids, mask, 2)
     assert half.path == "eager" and "float32" in half.native_problem
+    float_activations = quantize_model(copy.deepcopy(tiny), "int8")
+    set_int8_activations(float_activations, False)  # exact weight-only products: the PyTorch step
+    exact = DecodeEngine(float_activations)
+    exact.prefill(ids, mask, 2)
+    assert exact.path == "eager" and "keeps float activations" in exact.native_problem
 
 
 @pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")

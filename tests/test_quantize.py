@@ -19,8 +19,9 @@ from laformer.quantization import (
     is_quantized,
     kernels,
     quantize_model,
+    set_int8_activations,
 )
-from laformer.quantization.linear import pack_int4, unpack_int4
+from laformer.quantization.linear import PEAKED_ROWS, pack_int4, unpack_int4
 
 TEXT = (
     "The history of the city begins in the Roman period, when a small settlement grew up at a crossing of the "
@@ -66,40 +67,65 @@ def test_quantized_linear_close_to_float(make, tolerance, rows):
     with torch.no_grad():
         y, reference = quantized(x), linear(x)
         exact = F.linear(x, quantized.dequantize())
+        quantized.int8_activations = False
+        weight_only = quantized(x)
     assert y.shape == reference.shape
     assert relative_error(y, reference) < tolerance
-    torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5)  # kernel == its own dequantized weights
+    assert relative_error(y, exact) < 0.01  # int8 activations (per-channel int8 above 8 rows) cost ~0.4%
+    torch.testing.assert_close(weight_only, exact, rtol=1e-5, atol=1e-5)  # kernel == its own dequantized weights
 
 
-def test_kernel_matches_fallback(monkeypatch):
-    linear = random_linear(256, 80)
-    layers = [WeightOnlyInt8Linear.from_float(linear), WeightOnlyInt4Linear.from_float(linear, 64)]
-    x = torch.randn(5, 256)
+def int8_matmul_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """``_int8_matmul``'s arithmetic in float: the 16 largest input channels exact, the rest rounded per row to
+    int8, and the rounding residual rounded again when the rows are peaked."""
+
+    def round_rows(v: torch.Tensor) -> torch.Tensor:
+        scale = v.abs().amax(1, keepdim=True) / 127
+        return torch.round(v * torch.where(scale > 0, 1 / scale, 0)) * scale
+
+    outliers = x.abs().amax(0).topk(16).indices
+    inner = x.clone()
+    inner[:, outliers] = 0
+    rounded = round_rows(inner)
+    square_mean = inner.square().mean(1)
+    peak = torch.where(square_mean > 0, inner.abs().amax(1).square() / square_mean, 0).mean()
+    if peak > PEAKED_ROWS**2:
+        rounded += round_rows(inner - rounded)
+    rounded[:, outliers] = x[:, outliers]
+    return F.linear(rounded, layer.dequantize())
+
+
+@pytest.mark.parametrize("peaked", [False, True], ids=["one-product", "with-residual"])
+@pytest.mark.parametrize("rows", [9, 64])
+def test_int8_matmul_for_many_rows(rows, peaked):
+    """Above 8 rows a per-channel int8 layer multiplies int8 activations with torch._int_mm, outlier channels in
+    float; grouped int8 and 4-bit layers, gradients, and set_int8_activations(False) keep float activations."""
+    if not kernels.int8_rows_available():
+        pytest.skip("no kernel on this machine: dequantize + float matmul")
+    linear = random_linear(260, 80)  # 260 inputs: the kernels' 8-wide loops and their scalar tails
+    layer = WeightOnlyInt8Linear.from_float(linear)
+    torch.manual_seed(1)
+    x = torch.randn(rows, 260)
+    if peaked:  # a few large values per row beyond the outlier channels, as the SwiGLU product entering down_proj
+        x = torch.where(torch.rand(rows, 260) < 0.02, 60 * x, x)
+    x[:, [3, 77, 200]] *= 40  # outlier channels, as in LLaMA activations
+    x[1] = 0  # an all-zero row: scale 0, no division by zero
     with torch.no_grad():
-        fast = [layer(x) for layer in layers]
-        monkeypatch.setattr(kernels, "available", lambda: False)
-        slow = [layer(x) for layer in layers]
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_kernel_is_built_on_x86():
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("no AVX2: the fallback is used")
-    assert kernels.available()
-    if shutil.which("g++") or shutil.which("c++"):
-        assert kernels.backend() == "native"  # the C++ operator, not the slower-to-call ctypes one
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_ctypes_kernel_equals_the_operator(bits):
-    """The ctypes build is the fallback when the C++ operator cannot be built: same kernel, same numbers."""
-    if not kernels.available():
-        pytest.skip("no kernel on this machine")
-    layer = (WeightOnlyInt8Linear.from_float(random_linear(256, 80), 64) if bits == 8
-             else WeightOnlyInt4Linear.from_float(random_linear(256, 80), 64))
-    args = (torch.randn(6, 256), layer.qweight, layer.scales, getattr(layer, "mins", None), bits, 64)
-    assert torch.equal(kernels.qgemm(*args), kernels.ctypes_kernel()(*args))
+        y = layer(x)
+        torch.testing.assert_close(y, int8_matmul_reference(layer, x), rtol=1e-4, atol=1e-4)
+        exact = F.linear(x, layer.dequantize())
+        assert relative_error(y, exact) < (1e-4 if peaked else 0.01)
+        assert torch.equal(y[1], torch.zeros(80))
+        assert set_int8_activations(nn.Sequential(layer), False) == 1
+        torch.testing.assert_close(layer(x), exact, rtol=1e-5, atol=1e-5)
+    layer.int8_activations = True
+    grouped = WeightOnlyInt8Linear.from_float(random_linear(256, 80), 32)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(x[:, :256]), F.linear(x[:, :256], grouped.dequantize()), rtol=1e-5,
+                                   atol=1e-5)
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # training keeps the differentiable float path (QLoRA)
+    torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(rows, -1), rtol=1e-5, atol=1e-5)
 
 
 def int8_activation_reference(layer, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ def _concat(linears: list[nn.Module]) -> nn.Module:
         fused = nn.Linear(first.in_features, out_features, bias=False, device="meta")
     else:
         fused = type(first)(first.in_features, out_features, first.group_size, False, device="meta")
+        fused.int8_activations = all(m.int8_activations for m in linears)
     for name, tensor in first.state_dict().items():
         joined = torch.cat([m.state_dict()[name] for m in linears], dim=0)
         if name in fused._parameters:

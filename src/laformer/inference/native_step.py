@@ -6,7 +6,8 @@ runs them, and the small work between them, in one OpenMP region. It reads the m
 (no copy), so it serves float32, int8 and 4-bit weights alike, and it writes the engine's static cache, so the
 engine can switch between it and the PyTorch step at any token. Quantized weights multiply int8-rounded
 activations there, as in llama.cpp (``quantization/qgemm.c``; +0.0% decode perplexity with int8 weights, +1.1%
-with 4-bit on SmolLM2), where the PyTorch step keeps float activations.
+with 4-bit on SmolLM2), where the PyTorch step keeps float activations; ``set_int8_activations(model, False)``
+sends quantized models to the PyTorch step.
 
 ``NativeStep.unsupported(model, cache)`` says why a model or batch cannot take this path (adapters, a sparse
 attention backend, bfloat16, a batch above 8 rows, ...); the engine then runs the PyTorch step.
@@ -82,6 +83,8 @@ def _linear_problem(module: nn.Module, name: str) -> str | None:
         if (module.bias is not None or not module.qweight.is_contiguous() or module.qweight.device.type != "cpu"
                 or any(t.dtype != torch.float16 or not t.is_contiguous() for t in scales)):
             return f"{name} is a quantized linear with a bias, or off the CPU, or with scales cast from float16"
+        if not module.int8_activations:
+            return f"{name} keeps float activations (set_int8_activations(model, False))"
         return None
     if type(module) is nn.Linear:
         if module.bias is not None or not _float32_cpu(module.weight):

@@ -30,6 +30,7 @@ from laformer import native
 
 SOURCE = Path(__file__).with_name("qgemm.c")
 OP_SOURCE = Path(__file__).with_name("qgemm_op.cpp")
+ROWS_SOURCE = Path(__file__).with_name("int8_rows.c")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 # The schema and shape function live here, so the operator exists (and traces) whichever implementation is loaded.
@@ -111,3 +112,51 @@ def qgemm(
     Call only when ``available()``; torch.compile keeps the operator as one opaque node in its graph.
     """
     return torch.ops.laformer.qgemm.default(x, qweight, scales, mins, bits, group_size)
+
+
+@functools.cache
+def _rows_library() -> ctypes.CDLL | None:
+    if not native.has_avx2():
+        return None
+    library = native.load(ROWS_SOURCE, CFLAGS, "prefill through int8 layers")
+    if library is not None:
+        library.laformer_round_rows.restype = ctypes.c_double
+        library.laformer_round_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [
+            ctypes.c_void_p] * 6 + [ctypes.c_int]
+        library.laformer_scale_products.restype = None
+        library.laformer_scale_products.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
+            ctypes.c_int64] * 2 + [ctypes.c_int]
+    return library
+
+
+@torch.compiler.assume_constant_result
+def int8_rows_available() -> bool:
+    """True when ``round_rows`` and ``scale_products`` can run here (builds ``int8_rows.c`` on first call)."""
+    return _rows_library() is not None
+
+
+def round_rows(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             float]:
+    """Each row of ``x * keep`` ((M, K) float32 times (K,) ones and zeros) rounded to int8 with its own scale, then
+    the rows' rounding residuals rounded the same way. Returns (int8 rows, scales (M, 1), residual int8 rows,
+    residual scales (M, 1), mean over rows of max(x^2) / mean(x^2))."""
+    M, K = x.shape
+    threads = torch.get_num_threads()
+    q, q2 = torch.empty(M, K, dtype=torch.int8), torch.empty(M, K, dtype=torch.int8)
+    scales, scales2, work = torch.empty(M, 1), torch.empty(M, 1), torch.empty(threads, 2, K)
+    peaks = _rows_library().laformer_round_rows(x.data_ptr(), M, K, keep.data_ptr(), q.data_ptr(), scales.data_ptr(),
+                                                q2.data_ptr(), scales2.data_ptr(), work.data_ptr(), threads)
+    return q, scales, q2, scales2, peaks / M
+
+
+def scale_products(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor | None, b_scales: torch.Tensor,
+                   outlier_x: torch.Tensor, outlier_w: torch.Tensor, column_scales: torch.Tensor) -> torch.Tensor:
+    """(a * a_scales + b * b_scales + outlier_x @ outlier_w) * column_scales: int32 (M, N) products, (M, 1) row
+    scales, float32 (M, J) @ (J, N) outliers and (N,) column scales; all contiguous."""
+    M, N = a.shape
+    y = torch.empty(M, N)
+    _rows_library().laformer_scale_products(
+        a.data_ptr(), a_scales.data_ptr(), None if b is None else b.data_ptr(), b_scales.data_ptr(),
+        outlier_x.data_ptr(), outlier_w.data_ptr(), outlier_x.shape[1], column_scales.data_ptr(), y.data_ptr(), M, N,
+        torch.get_num_threads())
+    return y

@@ -1,0 +1,149 @@
+/* The float work around torch._int_mm for int8-weight layers over many rows (prefill): rounding each row of
+ * activations to int8, and scaling the int32 products back to float. Done in PyTorch these were ~15 passes over
+ * the activations and outputs, as long as the integer products themselves; here each row is read once, while it
+ * is in cache. Built by laformer.native and called through ctypes from quantization/kernels.py.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stddef.h>
+#include <stdint.h>
+
+static float horizontal_max(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static float horizontal_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* out = round(v / scale) as int8 (all 0 when scale is 0); residual = v - out * scale and its max |.| in *rmax.
+ * residual may be v itself. */
+static void round_row(const float *v, int64_t K, float scale, int8_t *out, float *residual, float *rmax) {
+    const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+    const __m256 vinv = _mm256_set1_ps(inverse), vscale = _mm256_set1_ps(scale), sign = _mm256_set1_ps(-0.0f);
+    __m256 vmax = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 x = _mm256_loadu_ps(v + k);
+        __m256 rounded = _mm256_round_ps(_mm256_mul_ps(x, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 rest = _mm256_fnmadd_ps(rounded, vscale, x);
+        _mm256_storeu_ps(residual + k, rest);
+        vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, rest));
+        __m128i i32lo = _mm256_castsi256_si128(_mm256_cvtps_epi32(rounded));
+        __m128i i32hi = _mm256_extracti128_si256(_mm256_cvtps_epi32(rounded), 1);
+        __m128i i16 = _mm_packs_epi32(i32lo, i32hi);
+        _mm_storel_epi64((__m128i *)(out + k), _mm_packs_epi16(i16, i16));
+    }
+    float m = horizontal_max(vmax);
+    for (; k < K; k++) {
+        float rounded = rintf(v[k] * inverse);
+        out[k] = (int8_t)rounded;
+        residual[k] = v[k] - rounded * scale;
+        m = fmaxf(m, fabsf(residual[k]));
+    }
+    *rmax = m;
+}
+
+
+/* Rounds each row of x (M x K) to int8 with its own scale max|x| / 127 (q, scales), after multiplying it by keep
+ * (K values, 1 or 0: the caller multiplies the zeroed columns in float). The rounding residual of each row is
+ * rounded the same way (q2, scales2). An all-zero row gets scale 0 and zeros. Returns the sum over rows of
+ * max(x^2) / mean(x^2): large when a few values dominate the rows, which is when the residual's product is worth
+ * adding. Rounding is to nearest, ties to even, as torch.round. */
+double laformer_round_rows(const float *x, int64_t M, int64_t K, const float *keep, int8_t *q, float *scales,
+                           int8_t *q2, float *scales2, float *work, int threads) {
+    double peaks = 0.0;
+#pragma omp parallel num_threads(threads) reduction(+ : peaks)
+    {
+        float *v = work + (int64_t)omp_get_thread_num() * 2 * K, *r = v + K; /* a row and its residual */
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            const float *row = x + m * K;
+            __m256 vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+            const __m256 sign = _mm256_set1_ps(-0.0f);
+            int64_t k = 0;
+            for (; k + 8 <= K; k += 8) {
+                __m256 t = _mm256_mul_ps(_mm256_loadu_ps(row + k), _mm256_loadu_ps(keep + k));
+                _mm256_storeu_ps(v + k, t);
+                vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, t));
+                vsum = _mm256_fmadd_ps(t, t, vsum);
+            }
+            float amax = horizontal_max(vmax), sumsq = horizontal_sum(vsum);
+            for (; k < K; k++) {
+                v[k] = row[k] * keep[k];
+                amax = fmaxf(amax, fabsf(v[k]));
+                sumsq += v[k] * v[k];
+            }
+            float scale = amax / 127.0f, rmax = 0.0f;
+            round_row(v, K, scale, q + m * K, r, &rmax);
+            float scale2 = rmax / 127.0f, unused;
+            round_row(r, K, scale2, q2 + m * K, r, &unused);
+            scales[m] = scale;
+            scales2[m] = scale2;
+            if (sumsq > 0.0f)
+                peaks += (double)amax * amax / (sumsq / (float)K);
+        }
+    }
+    return peaks;
+}
+
+#define TILE_ROWS 4 /* rows sharing each load of the outlier weights */
+
+/* Rows m0 .. m0 + rows - 1 (rows <= TILE_ROWS) of laformer_scale_products, 8 columns at a time. Inlined where
+ * rows is a constant, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void scale_rows(const int32_t *a, const float *sa, const int32_t *b, const float *sb, const float *xo,
+                       const float *wo, int64_t outliers, const float *w, float *y, int64_t m0, int rows, int64_t N) {
+    int64_t n = 0;
+    for (; n + 8 <= N; n += 8) {
+        __m256 acc[TILE_ROWS];
+        for (int r = 0; r < rows; r++) {
+            int64_t at = (m0 + r) * N + n;
+            acc[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(a + at))),
+                                   _mm256_set1_ps(sa[m0 + r]));
+            if (b != NULL)
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(b + at))),
+                                         _mm256_set1_ps(sb[m0 + r]), acc[r]);
+        }
+        for (int64_t j = 0; j < outliers; j++) {
+            __m256 weights = _mm256_loadu_ps(wo + j * N + n);
+            for (int r = 0; r < rows; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xo[(m0 + r) * outliers + j]), weights, acc[r]);
+        }
+        __m256 column_scales = _mm256_loadu_ps(w + n);
+        for (int r = 0; r < rows; r++)
+            _mm256_storeu_ps(y + (m0 + r) * N + n, _mm256_mul_ps(acc[r], column_scales));
+    }
+    for (; n < N; n++) {
+        for (int r = 0; r < rows; r++) {
+            int64_t m = m0 + r;
+            float acc = (float)a[m * N + n] * sa[m];
+            if (b != NULL)
+                acc += (float)b[m * N + n] * sb[m];
+            for (int64_t j = 0; j < outliers; j++)
+                acc += xo[m * outliers + j] * wo[j * N + n];
+            y[m * N + n] = acc * w[n];
+        }
+    }
+}
+
+/* y[m, n] = (a[m, n] * sa[m] + b[m, n] * sb[m] + sum_j xo[m, j] * wo[j, n]) * w[n], the b term only when b is
+ * not NULL: the int8 products of a row (its rounding's and its residual's) back in float, plus the float product
+ * of its columns kept out of the rounding (xo: M x outliers, wo: outliers x N, integer weights as floats), times
+ * each output column's weight scale. */
+void laformer_scale_products(const int32_t *a, const float *sa, const int32_t *b, const float *sb, const float *xo,
+                             const float *wo, int64_t outliers, const float *w, float *y, int64_t M, int64_t N,
+                             int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
+        if (M - m0 >= TILE_ROWS)
+            scale_rows(a, sa, b, sb, xo, wo, outliers, w, y, m0, TILE_ROWS, N);
+        else
+            for (int64_t m = m0; m < M; m++)
+                scale_rows(a, sa, b, sb, xo, wo, outliers, w, y, m, 1, N);
+    }
+}
