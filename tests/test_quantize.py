@@ -75,8 +75,18 @@ def test_quantized_linear_close_to_float(make, tolerance, rows):
     torch.testing.assert_close(weight_only, exact, rtol=1e-5, atol=1e-5)  # kernel == its own dequantized weights
 
 
-def int8_matmul_reference(layer, x: torch.Tensor) -> torch.Tensor:
-    """``_int8_matmul``'s arithmetic in float: the 16 largest input channels exact, the rest rounded per row to
+def per_channel_weights(layer) -> torch.Tensor:
+    """The weights ``int8_matmul`` multiplies: a per-channel int8 layer's own; a grouped layer's dequantized and
+    rounded to one int8 scale per output row."""
+    w = layer.dequantize()
+    if layer.bits == 8 and layer.group_size == layer.in_features:
+        return w
+    scale = w.abs().amax(1, keepdim=True) / 127
+    return torch.round(w * (1 / scale)) * scale
+
+
+def int8_matmul_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``int8_matmul``'s arithmetic in float: the 16 largest input channels exact, the rest rounded per row to
     int8, and the rounding residual rounded again when the rows are peaked."""
 
     def round_rows(v: torch.Tensor) -> torch.Tensor:
@@ -92,37 +102,37 @@ def int8_matmul_reference(layer, x: torch.Tensor) -> torch.Tensor:
     if peak > PEAKED_ROWS**2:
         rounded += round_rows(inner - rounded)
     rounded[:, outliers] = x[:, outliers]
-    return F.linear(rounded, layer.dequantize())
+    return F.linear(rounded, weight)
 
 
+@pytest.mark.parametrize("kind", ["int8-channel", "int8-g32", "int4-g32"])
 @pytest.mark.parametrize("peaked", [False, True], ids=["one-product", "with-residual"])
 @pytest.mark.parametrize("rows", [9, 64])
-def test_int8_matmul_for_many_rows(rows, peaked):
-    """Above 8 rows a per-channel int8 layer multiplies int8 activations with torch._int_mm, outlier channels in
-    float; grouped int8 and 4-bit layers, gradients, and set_int8_activations(False) keep float activations."""
+def test_int8_matmul_for_many_rows(kind, rows, peaked):
+    """Above 8 rows quantized layers multiply int8 activations by per-channel int8 weights with torch._int_mm,
+    outlier channels in float; gradients and set_int8_activations(False) keep the float path."""
     if not kernels.int8_rows_available():
         pytest.skip("no kernel on this machine: dequantize + float matmul")
-    linear = random_linear(260, 80)  # 260 inputs: the kernels' 8-wide loops and their scalar tails
-    layer = WeightOnlyInt8Linear.from_float(linear)
+    in_features = 260 if kind == "int8-channel" else 256  # 260: the kernels' 8-wide loops and their scalar tails
+    linear = random_linear(in_features, 80)
+    layer = {"int8-channel": lambda: WeightOnlyInt8Linear.from_float(linear),
+             "int8-g32": lambda: WeightOnlyInt8Linear.from_float(linear, 32),
+             "int4-g32": lambda: WeightOnlyInt4Linear.from_float(linear, 32)}[kind]()
     torch.manual_seed(1)
-    x = torch.randn(rows, 260)
+    x = torch.randn(rows, in_features)
     if peaked:  # a few large values per row beyond the outlier channels, as the SwiGLU product entering down_proj
-        x = torch.where(torch.rand(rows, 260) < 0.02, 60 * x, x)
+        x = torch.where(torch.rand(rows, in_features) < 0.02, 60 * x, x)
     x[:, [3, 77, 200]] *= 40  # outlier channels, as in LLaMA activations
     x[1] = 0  # an all-zero row: scale 0, no division by zero
     with torch.no_grad():
         y = layer(x)
-        torch.testing.assert_close(y, int8_matmul_reference(layer, x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(y, int8_matmul_reference(x, per_channel_weights(layer)), rtol=1e-4, atol=1e-4)
         exact = F.linear(x, layer.dequantize())
-        assert relative_error(y, exact) < (1e-4 if peaked else 0.01)
+        assert relative_error(y, exact) < (1e-4 if peaked and kind == "int8-channel" else 0.01)
         assert torch.equal(y[1], torch.zeros(80))
         assert set_int8_activations(nn.Sequential(layer), False) == 1
         torch.testing.assert_close(layer(x), exact, rtol=1e-5, atol=1e-5)
     layer.int8_activations = True
-    grouped = WeightOnlyInt8Linear.from_float(random_linear(256, 80), 32)
-    with torch.no_grad():
-        torch.testing.assert_close(grouped(x[:, :256]), F.linear(x[:, :256], grouped.dequantize()), rtol=1e-5,
-                                   atol=1e-5)
     x.requires_grad_(True)
     layer(x).sum().backward()  # training keeps the differentiable float path (QLoRA)
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(rows, -1), rtol=1e-5, atol=1e-5)

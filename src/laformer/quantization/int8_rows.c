@@ -1,7 +1,8 @@
-/* The float work around torch._int_mm for int8-weight layers over many rows (prefill): rounding each row of
- * activations to int8, and scaling the int32 products back to float. Done in PyTorch these were ~15 passes over
- * the activations and outputs, as long as the integer products themselves; here each row is read once, while it
- * is in cache. Built by laformer.native and called through ctypes from quantization/kernels.py.
+/* The work around torch._int_mm for quantized layers over many rows (prefill): rounding each row of activations
+ * to int8, rounding grouped weights to one int8 scale per output channel, and scaling the int32 products back to
+ * float. Done in PyTorch these were ~15 passes over the activations and outputs, as long as the integer products
+ * themselves; here each row is read once, while it is in cache. Built by laformer.native and called through
+ * ctypes from quantization/kernels.py.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -90,6 +91,58 @@ double laformer_round_rows(const float *x, int64_t M, int64_t K, const float *ke
         }
     }
     return peaks;
+}
+
+/* Row n of a grouped int8 or 4-bit matrix (see laformer_weights_to_int8) as floats in w; returns max |w|. */
+static float dequantize_row(int bits, const void *weights, const uint16_t *scale, const uint16_t *low, int64_t n,
+                            int64_t K, int64_t group, float *w) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 vmax = _mm256_setzero_ps();
+    for (int64_t c = 0; c < K; c += 32) { /* group sizes are multiples of 32 */
+        const __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[c / group]));
+        __m256 v[4];
+        if (bits == 8) {
+            const int8_t *chunk = (const int8_t *)weights + n * K + c;
+            for (int i = 0; i < 4; i++)
+                v[i] = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(chunk + 8 * i)))), s);
+        } else { /* byte b of the chunk: value b in its low nibble, value b + 16 in its high nibble */
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)((const uint8_t *)weights + n * (K / 2) + c / 2));
+            const __m128i nibble = _mm_set1_epi8(15);
+            const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
+            const __m256 m = _mm256_set1_ps(_cvtsh_ss(low[c / group]));
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int i = 0; i < 4; i++)
+                v[i] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), s), m);
+        }
+        for (int i = 0; i < 4; i++) {
+            _mm256_storeu_ps(w + c + 8 * i, v[i]);
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v[i]));
+        }
+    }
+    return horizontal_max(vmax);
+}
+
+/* Each row of an int8 (bits 8: int8 values, one float16 scale per group) or 4-bit (bits 4: two values per byte
+ * in ggml's order, see linear.pack_int4, float16 scale and minimum per group) weight matrix, dequantized and
+ * rounded again to int8 with one scale per row (max |w| / 127): per-channel int8 weights for torch._int_mm,
+ * built per call, so that grouped layers prefill through the integer products too. */
+void laformer_weights_to_int8(int bits, const void *weights, const uint16_t *scales, const uint16_t *mins,
+                              int64_t N, int64_t K, int64_t group, int8_t *out, float *row_scales, float *work,
+                              int threads) {
+    const int64_t groups = K / group;
+#pragma omp parallel num_threads(threads)
+    {
+        float *w = work + (int64_t)omp_get_thread_num() * K;
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            float amax = dequantize_row(bits, weights, scales + n * groups, mins == NULL ? NULL : mins + n * groups,
+                                        n, K, group, w);
+            float unused;
+            row_scales[n] = amax / 127.0f;
+            round_row(w, K, amax / 127.0f, out + n * K, w, &unused);
+        }
+    }
 }
 
 #define TILE_ROWS 4 /* rows sharing each load of the outlier weights */

@@ -123,6 +123,9 @@ def _rows_library() -> ctypes.CDLL | None:
         library.laformer_round_rows.restype = ctypes.c_double
         library.laformer_round_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [
             ctypes.c_void_p] * 6 + [ctypes.c_int]
+        library.laformer_weights_to_int8.restype = None
+        library.laformer_weights_to_int8.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [
+            ctypes.c_void_p] * 3 + [ctypes.c_int]
         library.laformer_scale_products.restype = None
         library.laformer_scale_products.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
             ctypes.c_int64] * 2 + [ctypes.c_int]
@@ -147,6 +150,19 @@ def round_rows(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch
     peaks = _rows_library().laformer_round_rows(x.data_ptr(), M, K, keep.data_ptr(), q.data_ptr(), scales.data_ptr(),
                                                 q2.data_ptr(), scales2.data_ptr(), work.data_ptr(), threads)
     return q, scales, q2, scales2, peaks / M
+
+
+def weights_to_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None, bits: int,
+                    group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A grouped int8 or 4-bit weight matrix (a quantized linear's buffers, float16 scales) dequantized and rounded
+    to int8 with one scale per output row: ((N, K) int8, (N,) float32 scales)."""
+    N, K = qweight.shape[0], scales.shape[1] * group_size
+    threads = torch.get_num_threads()
+    out, row_scales, work = torch.empty(N, K, dtype=torch.int8), torch.empty(N), torch.empty(threads, K)
+    _rows_library().laformer_weights_to_int8(
+        bits, qweight.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(), N, K, group_size,
+        out.data_ptr(), row_scales.data_ptr(), work.data_ptr(), threads)
+    return out, row_scales
 
 
 def scale_products(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor | None, b_scales: torch.Tensor,

@@ -4,9 +4,9 @@ The weights live in buffers (``qweight``, ``scales``, ``mins``) under the linear
 model's ``state_dict`` is its checkpoint. Scales and minimums are float16, as in ggml's blocks: at group size 32,
 float32 ones would add half as many bytes again as the 4-bit values themselves, and decode reads every byte of
 the weights per token. Small batches (decode) use the compiled kernel with float activations. Larger ones
-(prefill) with per-channel int8 weights multiply int8 activations with ``torch._int_mm`` (see ``_int8_matmul``);
-otherwise (4-bit or grouped weights, training) the matrix is dequantized once per call for the float matmul,
-which is faster there than the small-batch kernel. There is deliberately no ``weight`` attribute: code that
+(prefill) multiply int8 activations by per-channel int8 weights with ``torch._int_mm`` (``int8_matmul``); without
+the kernels, or in training, the matrix is dequantized once per call for the float matmul, which is faster there
+than the small-batch kernel. There is deliberately no ``weight`` attribute: code that
 would modify ``weight`` in place (merging an adapter, say) must fail rather than write into a temporary copy;
 ``dequantize()`` gives the matrix.
 """
@@ -22,10 +22,10 @@ from laformer.quantization import kernels
 
 CHUNK = 32  # values per packed chunk; group sizes and the kernel's K are multiples of it
 KERNEL_MAX_ROWS = 8  # above this many rows, dequantize + float matmul measured faster (bench/quantize.py)
-# Input channels kept in float by ``_int8_matmul``: SmolLM2-135M's perplexity with int8 activations went +1.7% at 4,
+# Input channels kept in float by ``int8_matmul``: SmolLM2-135M's perplexity with int8 activations went +1.7% at 4,
 # +0.3% at 8, -0.2% at 16 (the weight rounding alone: -0.3%).
 OUTLIER_CHANNELS = 16
-# When its rows' mean (max|x| / rms(x))^2 exceeds this squared, ``_int8_matmul`` adds a second product for the
+# When its rows' mean (max|x| / rms(x))^2 exceeds this squared, ``int8_matmul`` adds a second product for the
 # rounding residual. On SmolLM2 every down_proj input's rows measured max/rms 10-24 (their rounding alone: +0.37%
 # perplexity; with the residual +0.00%), every other layer's 4-7.
 PEAKED_ROWS = 8.5
@@ -67,7 +67,7 @@ def _half_precision(t: torch.Tensor) -> torch.Tensor:
 class QuantizedLinear(nn.Module):
     """Shared by both widths: shapes, the float fallback and the kernel dispatch.
 
-    ``int8_activations`` (default True) lets the fast paths round activations to int8: ``_int8_matmul`` here and
+    ``int8_activations`` (default True) lets the fast paths round activations to int8: ``int8_matmul`` here and
     the native decode step (``laformer.inference``). ``laformer.quantization.set_int8_activations(model, False)``
     keeps every product weight-only (float activations: exact up to float rounding, slower).
     """
@@ -87,30 +87,28 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        inference_cpu = x.dtype == torch.float32 and x.device.type == "cpu" and not (
-            x.requires_grad and torch.is_grad_enabled())
-        if rows > KERNEL_MAX_ROWS and inference_cpu and self._takes_int8_matmul():
-            y = self._int8_matmul(x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        if (
-            rows <= KERNEL_MAX_ROWS
-            and inference_cpu
-            and self.in_features % CHUNK == 0
-            and self.qweight.is_contiguous()
-            and self.scales.dtype == torch.float16  # not after a model.to(dtype)
-            and kernels.available()
-        ):
+        training = x.requires_grad and torch.is_grad_enabled()
+        fast = (x.dtype == torch.float32 and x.device.type == "cpu" and not training and self.qweight.is_contiguous()
+                and self.scales.dtype == torch.float16)  # not after a model.to(dtype)
+        if fast and rows > KERNEL_MAX_ROWS and self.int8_activations and kernels.int8_rows_available():
+            y = int8_matmul(x.reshape(rows, self.in_features), *self._int8_weights())
+        elif fast and rows <= KERNEL_MAX_ROWS and self.in_features % CHUNK == 0 and kernels.available():
             mins = self._mins()
-            y = kernels.qgemm(
-                x.reshape(rows, self.in_features).contiguous(), self.qweight, self.scales.contiguous(),
-                None if mins is None else mins.contiguous(), self.bits, self.group_size,
-            ).view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        # Gradients flow to x (QLoRA) through F.linear; the quantized weights are buffers and stay frozen.
-        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            y = kernels.qgemm(x.reshape(rows, self.in_features).contiguous(), self.qweight, self.scales.contiguous(),
+                              None if mins is None else mins.contiguous(), self.bits, self.group_size)
+        else:  # gradients flow to x (QLoRA) through F.linear; the quantized weights are buffers and stay frozen
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
-    def _takes_int8_matmul(self) -> bool:
-        return False
+    def _int8_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights as (N, K) int8 with one float32 scale per output channel, for ``int8_matmul``. Grouped
+        layers are dequantized and rounded to that grid at each call: 0.3 ms for a 3072x576 matrix, against 10 ms
+        for its 512-row float32 product. The grid's steps are ~17x finer than 4-bit ones; SmolLM2's Q4_1 layers
+        scored -0.3% to +0.4% perplexity this way (activations included) against their exact float products."""
+        mins = self._mins()
+        return kernels.weights_to_int8(self.qweight, self.scales.contiguous(),
+                                       None if mins is None else mins.contiguous(), self.bits, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
@@ -153,30 +151,10 @@ class WeightOnlyInt8Linear(QuantizedLinear):
         w = self.qweight.view(N, K // G, G).float() * self.scales.float()[..., None]
         return w.view(N, K).to(dtype)
 
-    def _takes_int8_matmul(self) -> bool:
-        return (self.int8_activations and self.group_size == self.in_features and self.qweight.is_contiguous()
-                and kernels.int8_rows_available())
-
-    def _int8_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """(M, K) float32 -> (M, N): int8 activations times the int8 weights with ``torch._int_mm``.
-
-        ~3.5x faster than the float32 matmul at 512 rows on this AVX2 CPU. Each row is rounded to int8 with its
-        own scale (max|x| / 127), except the ``OUTLIER_CHANNELS`` input channels of largest magnitude in this
-        call, which go through a small float matmul instead (LLM.int8()'s decomposition, with the channels
-        picked per call): LLaMA activations carry a few channels far larger than the rest, and rounding them
-        into a row's scale would flatten every other channel to a few levels (+3.2% perplexity on SmolLM2). Rows
-        peaked even without those channels (the SwiGLU product entering down_proj) get a second product for their
-        rounding residual (``PEAKED_ROWS``): ~14-bit activations.
-        """
-        x = x.contiguous()
-        outliers = x.abs().amax(0).topk(min(OUTLIER_CHANNELS, self.in_features)).indices
-        keep = torch.ones(self.in_features).index_fill_(0, outliers, 0.0)
-        rows, row_scales, residual, residual_scales, peak = kernels.round_rows(x, keep)
-        weight = self.qweight.t()
-        return kernels.scale_products(
-            torch._int_mm(rows, weight), row_scales,
-            torch._int_mm(residual, weight) if peak > PEAKED_ROWS**2 else None, residual_scales,
-            x.index_select(1, outliers), weight.index_select(0, outliers).float(), self.scales.float().view(-1))
+    def _int8_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.group_size == self.in_features:  # already per channel
+            return self.qweight, self.scales.float().view(-1)
+        return super()._int8_weights()
 
 
 class WeightOnlyInt4Linear(QuantizedLinear):
@@ -222,3 +200,26 @@ class WeightOnlyInt4Linear(QuantizedLinear):
         # Multiply then add (no fused multiply-add), as ggml's reference dequantization does: bit-exact with it.
         w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
         return w.view(N, K).to(dtype)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, column_scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 @ (weight (N, K) int8 * column_scales (N,))^T with int8 activations and ``torch._int_mm``.
+
+    ~3.5x faster than the float32 matmul at 512 rows on this AVX2 CPU. Each row is rounded to int8 with its own
+    scale (max|x| / 127), except the ``OUTLIER_CHANNELS`` input channels of largest magnitude in this call, which
+    go through a small float product instead (LLM.int8()'s decomposition, with the channels picked per call):
+    LLaMA activations carry a few channels far larger than the rest, and rounding them into a row's scale would
+    flatten every other channel to a few levels (+3.2% perplexity on SmolLM2). Rows peaked even without those
+    channels (the SwiGLU product entering down_proj) get a second product for their rounding residual
+    (``PEAKED_ROWS``): ~14-bit activations.
+    """
+    x = x.contiguous()
+    K = x.shape[1]
+    outliers = x.abs().amax(0).topk(min(OUTLIER_CHANNELS, K)).indices
+    keep = torch.ones(K).index_fill_(0, outliers, 0.0)
+    rows, row_scales, residual, residual_scales, peak = kernels.round_rows(x, keep)
+    weight_t = weight.t()
+    return kernels.scale_products(
+        torch._int_mm(rows, weight_t), row_scales,
+        torch._int_mm(residual, weight_t) if peak > PEAKED_ROWS**2 else None, residual_scales,
+        x.index_select(1, outliers), weight_t.index_select(0, outliers).float(), column_scales)
