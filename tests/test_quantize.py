@@ -138,6 +138,37 @@ def test_int8_matmul_for_many_rows(kind, rows, peaked):
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(rows, -1), rtol=1e-5, atol=1e-5)
 
 
+def test_kernel_matches_fallback(monkeypatch):
+    linear = random_linear(256, 80)
+    layers = [WeightOnlyInt8Linear.from_float(linear), WeightOnlyInt4Linear.from_float(linear, 64)]
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        fast = [layer(x) for layer in layers]
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        slow = [layer(x) for layer in layers]
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_is_built_on_x86():
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("no AVX2: the fallback is used")
+    assert kernels.available()
+    if shutil.which("g++") or shutil.which("c++"):
+        assert kernels.backend() == "native"  # the C++ operator, not the slower-to-call ctypes one
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_ctypes_kernel_equals_the_operator(bits):
+    """The ctypes build is the fallback when the C++ operator cannot be built: same kernel, same numbers."""
+    if not kernels.available():
+        pytest.skip("no kernel on this machine")
+    layer = (WeightOnlyInt8Linear.from_float(random_linear(256, 80), 64) if bits == 8
+             else WeightOnlyInt4Linear.from_float(random_linear(256, 80), 64))
+    args = (torch.randn(6, 256), layer.qweight, layer.scales, getattr(layer, "mins", None), bits, 64)
+    assert torch.equal(kernels.qgemm(*args), kernels.ctypes_kernel()(*args))
+
+
 def int8_activation_reference(layer, x: torch.Tensor) -> torch.Tensor:
     """The native decode step's arithmetic: activations rounded to ggml Q8_0 blocks (per 32 values, scale
     max |x| / 127, round half to even) times the dequantized weights, 4-bit minimums applied to the float x."""
