@@ -4,23 +4,9 @@
  * themselves; here each row is read once, while it is in cache. Built by laformer.native and called through
  * ctypes from quantization/kernels.py.
  */
-#include <immintrin.h>
 #include <math.h>
-#include <omp.h>
-#include <stddef.h>
-#include <stdint.h>
 
-static float horizontal_max(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-static float horizontal_sum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
+#include "qgemm.c" /* hsum, hmax, and widening float16 scales, int8 and 4-bit weights */
 
 /* out = round(v / scale) as int8 (all 0 when scale is 0); residual = v - out * scale and its max |.| in *rmax.
  * residual may be v itself. */
@@ -40,7 +26,7 @@ static void round_row(const float *v, int64_t K, float scale, int8_t *out, float
         __m128i i16 = _mm_packs_epi32(i32lo, i32hi);
         _mm_storel_epi64((__m128i *)(out + k), _mm_packs_epi16(i16, i16));
     }
-    float m = horizontal_max(vmax);
+    float m = hmax(vmax);
     for (; k < K; k++) {
         float rounded = rintf(v[k] * inverse);
         out[k] = (int8_t)rounded;
@@ -74,7 +60,7 @@ double laformer_round_rows(const float *x, int64_t M, int64_t K, const float *ke
                 vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, t));
                 vsum = _mm256_fmadd_ps(t, t, vsum);
             }
-            float amax = horizontal_max(vmax), sumsq = horizontal_sum(vsum);
+            float amax = hmax(vmax), sumsq = hsum(vsum);
             for (; k < K; k++) {
                 v[k] = row[k] * keep[k];
                 amax = fmaxf(amax, fabsf(v[k]));
@@ -93,41 +79,34 @@ double laformer_round_rows(const float *x, int64_t M, int64_t K, const float *ke
     return peaks;
 }
 
-/* Row n of a grouped int8 or 4-bit matrix (see laformer_weights_to_int8) as floats in w; returns max |w|. */
-static float dequantize_row(int bits, const void *weights, const uint16_t *scale, const uint16_t *low, int64_t n,
-                            int64_t K, int64_t group, float *w) {
+/* Row n of a grouped int8 or 4-bit matrix (see laformer_weights_to_int8) as floats in w; returns max |w|. Scale
+ * then minimum, multiply then add, as ggml's dequantization (and QuantizedLinear.dequantize) does. */
+static float dequantize_row(int bits, const void *weights, const half *scale, const half *low, int64_t n, int64_t K,
+                            int64_t group, float *w) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 vmax = _mm256_setzero_ps();
     for (int64_t c = 0; c < K; c += 32) { /* group sizes are multiples of 32 */
-        const __m256 s = _mm256_set1_ps(_cvtsh_ss(scale[c / group]));
+        const __m256 s = _mm256_set1_ps(widen(scale[c / group]));
         __m256 v[4];
-        if (bits == 8) {
-            const int8_t *chunk = (const int8_t *)weights + n * K + c;
-            for (int i = 0; i < 4; i++)
-                v[i] = _mm256_mul_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(chunk + 8 * i)))), s);
-        } else { /* byte b of the chunk: value b in its low nibble, value b + 16 in its high nibble */
-            const __m128i bytes = _mm_loadu_si128((const __m128i *)((const uint8_t *)weights + n * (K / 2) + c / 2));
-            const __m128i nibble = _mm_set1_epi8(15);
-            const __m128i lo = _mm_and_si128(bytes, nibble), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble);
-            const __m256 m = _mm256_set1_ps(_cvtsh_ss(low[c / group]));
-            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-            for (int i = 0; i < 4; i++)
-                v[i] = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), s), m);
-        }
+        if (bits == 8)
+            widen_q8((const int8_t *)weights + n * K + c, v);
+        else
+            widen_q4((const uint8_t *)weights + n * (K / 2) + c / 2, v);
+        const __m256 m = _mm256_set1_ps(low == NULL ? 0.0f : widen(low[c / group]));
         for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_add_ps(_mm256_mul_ps(v[i], s), m);
             _mm256_storeu_ps(w + c + 8 * i, v[i]);
             vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v[i]));
         }
     }
-    return horizontal_max(vmax);
+    return hmax(vmax);
 }
 
 /* Each row of an int8 (bits 8: int8 values, one float16 scale per group) or 4-bit (bits 4: two values per byte
  * in ggml's order, see linear.pack_int4, float16 scale and minimum per group) weight matrix, dequantized and
  * rounded again to int8 with one scale per row (max |w| / 127): per-channel int8 weights for torch._int_mm,
  * built per call, so that grouped layers prefill through the integer products too. */
-void laformer_weights_to_int8(int bits, const void *weights, const uint16_t *scales, const uint16_t *mins,
+void laformer_weights_to_int8(int bits, const void *weights, const half *scales, const half *mins,
                               int64_t N, int64_t K, int64_t group, int8_t *out, float *row_scales, float *work,
                               int threads) {
     const int64_t groups = K / group;
@@ -149,8 +128,10 @@ void laformer_weights_to_int8(int bits, const void *weights, const uint16_t *sca
 
 /* Rows m0 .. m0 + rows - 1 (rows <= TILE_ROWS) of laformer_scale_products, 8 columns at a time. Inlined where
  * rows is a constant, so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void scale_rows(const int32_t *a, const float *sa, const int32_t *b, const float *sb, const float *xo,
-                       const float *wo, int64_t outliers, const float *w, float *y, int64_t m0, int rows, int64_t N) {
+static inline __attribute__((always_inline)) void scale_rows(const int32_t *a, const float *sa, const int32_t *b,
+                                                             const float *sb, const float *xo, const float *wo,
+                                                             int64_t outliers, const float *w, float *y, int64_t m0,
+                                                             int rows, int64_t N) {
     int64_t n = 0;
     for (; n + 8 <= N; n += 8) {
         __m256 acc[TILE_ROWS];

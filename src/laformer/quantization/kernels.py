@@ -118,7 +118,7 @@ def qgemm(
 def _rows_library() -> ctypes.CDLL | None:
     if not native.has_avx2():
         return None
-    library = native.load(ROWS_SOURCE, CFLAGS, "prefill through int8 layers")
+    library = native.load(ROWS_SOURCE, CFLAGS, "prefill through int8 layers", depends=(SOURCE,))
     if library is not None:
         library.laformer_round_rows.restype = ctypes.c_double
         library.laformer_round_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [

@@ -36,6 +36,12 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 /* The sum of n accumulators. */
 static inline __m256 add_all(const __m256 *acc, int n) {
     __m256 t = acc[0];
@@ -173,10 +179,7 @@ static inline Blocks quantize_rows(const float *x, int64_t M, int64_t K, int64_t
             top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[j]));
             total = _mm256_add_ps(total, v[j]);
         }
-        __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
-        t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-        t = _mm_max_ss(t, _mm_movehdup_ps(t));
-        const float amax = _mm_cvtss_f32(t);
+        const float amax = hmax(top);
         const __m256 inverse = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         __m256i n[4];
         for (int j = 0; j < 4; j++)
