@@ -48,6 +48,7 @@ METHODS = {
     "ama-1024": AMAConfig(slice_len=SLICE, budget=1024),
     "ama-512-off": AMAConfig(slice_len=SLICE, budget=512, mediation="off"),
     "ama-1024-off": AMAConfig(slice_len=SLICE, budget=1024, mediation="off"),
+    "ama-1024-bound": AMAConfig(slice_len=SLICE, budget=1024, score="bound", local_window=768),  # stop 9's default
     "window-512": AMAConfig(slice_len=SLICE, budget=512, local_window=512 - SLICE, mediation="off"),
     "window-1024": AMAConfig(slice_len=SLICE, budget=1024, local_window=1024 - SLICE, mediation="off"),
 }

@@ -9,12 +9,16 @@ scorer changes between rows:
 - ``mean-mass``: per head, softmax over the candidates of q . mean key, summed over the group's heads;
 - ``scanN``: every candidate token's q.k computed with keys rounded to N bits (one scale per token), per-head
   softmax, attention mass summed per slice and over the group's heads: what a scan of an N-bit key copy gives;
+- ``pcaR[-bits][-max]``: the same mass from keys projected on their R principal directions (fitted on the keys
+  cached before the scored queries), optionally rounded to ``bits``; ``-max`` ranks by each slice's best token;
+- ``qpcaR``: the rank-R form of q.k that is best under the queries' and keys' covariances (Loki-style low-rank
+  keys, query-aware);
 - ``oracle``: the same with the exact keys: the true attention mass of each slice, the best any scorer can do.
 
 This is a measurement tool written in plain PyTorch (dense scores, so not fast): it says what a better scorer
 would buy before anyone builds one.
 
-    python bench/ama_selection.py --context 8192 --local 512 --methods full,bound,scan4,oracle [--passkey-trials 20]
+    python bench/ama_selection.py --context 8192 --local 512 --methods full,bound,scan4,pca16,qpca32,oracle [--passkey-trials 20]
 """
 
 from __future__ import annotations
@@ -44,7 +48,37 @@ def rounded(keys: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(keys / scale) * scale
 
 
-def slice_scores(method: str, q, k, scores, slices: int, slice_len: int, group: int) -> torch.Tensor:
+def principal_directions(keys: torch.Tensor):
+    """Per KV head, the key mean (H_kv, 1, D) and the principal directions (H_kv, D, D), largest variance first,
+    as both the key and the query projection."""
+    mean = keys.mean(1, keepdim=True)
+    centered = keys - mean
+    cov = centered.transpose(-1, -2) @ centered / keys.shape[1]
+    vectors = torch.linalg.eigh(cov)[1].flip(-1)
+    return mean, (vectors, vectors)
+
+
+def bilinear_directions(q: torch.Tensor, keys: torch.Tensor):
+    """Per KV head, key and query projections (H_kv, D, D) whose first r columns give the rank-r form A that
+    minimises E[(q.k - q A k)^2] under the queries' second moment (taken from the scored queries themselves,
+    pooled over the group) and the keys' covariance."""
+    Hkv, _, D = keys.shape
+    mean = keys.mean(1, keepdim=True)
+    centered = keys - mean
+    eye = torch.eye(D) * 1e-6
+    ck = centered.transpose(-1, -2) @ centered / keys.shape[1]
+    qg = q.reshape(Hkv, -1, D)  # the group's heads pooled
+    cq = qg.transpose(-1, -2) @ qg / qg.shape[1]
+    lq, lk = torch.linalg.cholesky(cq + eye * cq.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]), \
+        torch.linalg.cholesky(ck + eye * ck.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None])
+    u, _, _ = torch.linalg.svd(lq.transpose(-1, -2) @ lk)
+    key_basis = lq @ u  # z = U^T Lq^T k
+    query_basis = torch.linalg.solve_triangular(lq.transpose(-1, -2), u, upper=True)  # Lq^-T U
+    return mean, (key_basis, query_basis)
+
+
+def slice_scores(method: str, q, k, scores, slices: int, slice_len: int, group: int, basis=None,
+                 basis_mean=None) -> torch.Tensor:
     """(H_kv, Q, slices) score of each full slice for each query; larger is better.
 
     ``q`` (H, Q, D), ``k`` (H_kv, S, D), ``scores`` (H, Q, S) exact q.k / sqrt(d) with the causal mask applied.
@@ -60,11 +94,24 @@ def slice_scores(method: str, q, k, scores, slices: int, slice_len: int, group: 
     if method == "mean-mass":
         logits = q @ blocks.mean(2).repeat_interleave(group, 0).transpose(-1, -2) / math.sqrt(D)
         return logits.softmax(-1).view(Hkv, group, Q, slices).sum(1)
-    if method.startswith("scan"):
+    if method.startswith(("pca", "qpca")):  # q.k from keys projected on R directions, optionally rounded
+        rank, *options = method.lstrip("q")[3:].split("-")
+        key_basis, query_basis = basis
+        z = (k - basis_mean) @ key_basis[..., : int(rank)]  # (H_kv, S, r)
+        bits = [int(o) for o in options if o.isdigit()]
+        if bits:
+            z = rounded(z, bits[0])
+        qz = q @ query_basis[..., : int(rank)].repeat_interleave(group, 0)  # (H, Q, r)
+        approx = qz @ z.repeat_interleave(group, 0).transpose(-1, -2) / math.sqrt(D)
+        scores = approx.masked_fill(scores == float("-inf"), float("-inf"))
+        if "max" in options:
+            best = scores[..., : slices * slice_len].unflatten(-1, (slices, slice_len)).amax(-1)  # (H, Q, slices)
+            return best.softmax(-1).view(Hkv, group, Q, slices).sum(1)
+    elif method.startswith("scan"):
         keys = rounded(k, int(method[4:])).repeat_interleave(group, 0)
         scores = (q @ keys.transpose(-1, -2) / math.sqrt(D)).masked_fill(scores == float("-inf"), float("-inf"))
     elif method != "oracle":
-        raise SystemExit(f"unknown method {method!r}: use full, bound, mean-mass, scanN or oracle")
+        raise SystemExit(f"unknown method {method!r}: use full, bound, mean-mass, scanN, pcaR, qpcaR or oracle")
     mass = scores[..., : slices * slice_len].softmax(-1)  # over all visible tokens: only the ranking matters
     return mass.reshape(Hkv, group, Q, slices, slice_len).sum((1, 4))
 
@@ -83,6 +130,11 @@ def selective_attention(method: str, budget: int, slice_len: int, local: int):
         keys, values = k[0].repeat_interleave(group, 0), v[0].repeat_interleave(group, 0)
         out = torch.empty_like(q)
         column = torch.arange(slices)
+        basis_mean, basis = None, None
+        if method.startswith("pca"):
+            basis_mean, basis = principal_directions(k[0, :, : max(S - T, budget)])
+        elif method.startswith("qpca"):
+            basis_mean, basis = bilinear_directions(q[0], k[0, :, : max(S - T, budget)])
         for first in range(0, T, QUERY_CHUNK):
             rows = slice(first, min(T, first + QUERY_CHUNK))
             position = torch.arange(S - T + rows.start, S - T + rows.stop)
@@ -91,7 +143,7 @@ def selective_attention(method: str, budget: int, slice_len: int, local: int):
             own = (position // slice_len)[:, None]
             kept = (column == 0) | ((column <= own) & (column > own - local // slice_len))  # (Q, slices)
             candidate = ~kept & (column <= own)
-            rank = slice_scores(method, q[0, :, rows], k[0], scores, slices, slice_len, group)
+            rank = slice_scores(method, q[0, :, rows], k[0], scores, slices, slice_len, group, basis, basis_mean)
             rank = rank.masked_fill(~candidate, float("-inf"))
             top = rank.topk(min(chosen_slices, slices), -1)
             chosen = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, top.indices, top.values > float("-inf"))

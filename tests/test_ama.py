@@ -11,7 +11,8 @@ import torch
 from laformer import ConfigError, LaFormerConfig, LaFormerForCausalLM
 from laformer.ama import AMAConfig, MediationGate, SlicedKVCache, SelectionRecorder, kernel
 from laformer.ama.attention import AMAAttention, key_validity
-from laformer.ama.cache import summarize, update_summaries
+from laformer.ama.cache import summarize, unpack_key_codes, update_summaries
+from laformer.ama.scan import slice_log_mass, slice_mass
 from laformer.attention import build_attention_mask, sdpa_attention
 from laformer.cache import KVCache
 
@@ -26,6 +27,9 @@ def tiny_config(**overrides) -> LaFormerConfig:
 @pytest.fixture(scope="module")
 def tiny_model() -> LaFormerForCausalLM:
     return LaFormerForCausalLM.from_config(tiny_config(), seed=0).eval()
+
+
+needs_kernel = pytest.mark.skipif(not kernel.available(), reason="no C compiler for the AMA kernel")
 
 
 def backend(**fields) -> AMAAttention:
@@ -46,7 +50,7 @@ def random_qkv(B=2, H=4, Hkv=2, T=70, S=70, D=16, seed=0):
 def test_sparse_kernels_equal_full_attention_when_every_slice_fits(mediation, query_len):
     q, k, v = random_qkv(T=query_len)
     ama = backend(slice_len=8, budget=80, local_window=16, mediation=mediation)
-    summaries = update_summaries(None, k, v, None, 8)
+    summaries = update_summaries(None, k, v, None, 8, copy_keys=True)
     run = ama._decode if query_len == 1 else ama._prefill
     out = run(q, k, v, None, summaries, 0, None)
     torch.testing.assert_close(out, sdpa_attention(q, k, v, None), atol=1e-5, rtol=1e-5)
@@ -82,7 +86,7 @@ def planted_keys(n_slices=12, L=4, D=8, hot=(5, 8), seed=0):
     return q, k, torch.randn(1, 1, n_slices * L, D, generator=g)
 
 
-@pytest.mark.parametrize("score", ["bound", "mean"])
+@pytest.mark.parametrize("score", ["scan", "bound", "mean"])
 def test_decode_selects_the_slices_whose_keys_match_the_query(score):
     q, k, v = planted_keys()
     recorder = SelectionRecorder()
@@ -94,9 +98,93 @@ def test_decode_selects_the_slices_whose_keys_match_the_query(score):
     chosen = record.chosen[0, 0, 0].nonzero().flatten().tolist()
     assert chosen == [0, 5, 8, 10, 11]  # sink, the two planted slices, local window
     probs = record.probs[0, 0, 0]
-    assert sorted(probs.topk(2).indices.tolist()) == [5, 8] and probs[[5, 8]].sum() > 0.6
+    others = probs[[1, 2, 3, 4, 6, 7, 9]]
+    assert sorted(probs.topk(2).indices.tolist()) == [5, 8] and probs[[5, 8]].min() > 2 * others.max()
     assert math.isclose(float(probs.sum()), 1.0, rel_tol=1e-5)
     assert probs[[0, 10, 11]].sum() == 0  # sinks and the local window are not candidates
+
+
+def test_scan_mass_is_the_softmax_of_the_rounded_keys():
+    q, k, v = random_qkv(B=2, H=6, Hkv=2, T=1, S=72, D=16, seed=5)
+    valid = torch.ones(2, 72, dtype=torch.bool)
+    valid[1, :11] = False
+    s = summarize(k, v, valid, 8, 0, 9, copy_keys=True)
+    rounded_keys = unpack_key_codes(s.key_codes).flatten(2, 3) * s.key_scales.flatten(2)[..., None]
+    assert (rounded_keys - k).abs().max() <= k.abs().amax(-1).max() / 14 + 1e-6  # half a 4-bit step
+    q_heads = q.view(2, 2, 1, 3, 16)
+    log_mass = slice_log_mass(q_heads, s, torch.tensor([8]), valid)  # own slice 8: slices 0-7 are scored
+    step = q_heads.abs().amax(-1, keepdim=True) / 127
+    q_rounded = torch.round(q_heads / step) * step
+    logits = q_rounded @ rounded_keys[:, :, None, :64].transpose(-1, -2) / 4  # (B, H_kv, 1, G, 64)
+    logits = logits.masked_fill(~valid[:, None, None, None, :64], float("-inf"))
+    expected = logits.softmax(-1).unflatten(-1, (8, 8)).sum((3, 5))
+    torch.testing.assert_close(log_mass[..., :8].exp(), expected, atol=1e-4, rtol=1e-4)
+    assert log_mass[..., 8].max() < -1e30  # the own slice is not scored
+    torch.testing.assert_close(log_mass[..., :8].exp().sum(-1), torch.full((2, 2, 1), 3.0))  # one per head
+
+
+@needs_kernel
+@pytest.mark.parametrize("D", [64, 16])  # the AVX2 path (64 channels per step) and the scalar one
+def test_scan_in_c_equals_the_pytorch_reference(D):
+    g = torch.Generator().manual_seed(D)
+    B, Hkv, Q, R, S, L = 2, 3, 5, 6, 203, 8
+    k = torch.randn(B, Hkv, S, D, generator=g)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[1, :19] = False
+    s = summarize(k, k, valid, L, 0, S // L, copy_keys=True)
+    q_rows = 2 * torch.randn(B, Hkv, Q, R, D, generator=g)
+    q_rows[:, :, 0, -2:] = 0.0  # block padding
+    own = torch.tensor([0, 3, 7, 20, 25])  # nothing scored, a few slices, up to all of them
+    for mask in (None, valid):
+        torch.testing.assert_close(kernel.scan(q_rows, s.key_codes, s.key_scales, own, mask),
+                                   slice_mass(q_rows, s, own, mask), atol=1e-6, rtol=1e-5)
+
+
+def test_scan_needs_an_even_head_dim():
+    q, k, v = random_qkv(T=1, S=75, D=15)
+    with pytest.raises(ConfigError, match="even head dim"):
+        backend(slice_len=8, budget=40, local_window=16)(q, k, v, None, layer_idx=0, cache=None)
+    backend(slice_len=8, budget=40, local_window=16, score="bound")(q, k, v, None, layer_idx=0, cache=None)
+
+
+def test_scan_finds_the_slice_the_bound_misses():
+    """A slice of spread-out keys has a high min/max bound but no token that matches the query; a slice whose
+    keys all lean towards the query gets the attention mass. ``scan`` picks the second, ``bound`` the first."""
+    g = torch.Generator().manual_seed(0)
+    D, L = 16, 4
+    k = 0.1 * torch.randn(1, 1, 12 * L, D, generator=g)
+    for i in range(L):  # slice 3: token i is +6 on channel i and -6 on the next, so q.k = 0 but the bound is 24
+        k[0, 0, 3 * L + i, i], k[0, 0, 3 * L + i, (i + 1) % L] = 6.0, -6.0
+    k[0, 0, 6 * L : 7 * L, :4] += 1.5  # slice 6: every token has q.k = 6
+    q = torch.zeros(1, 2, 1, D)
+    q[..., :4] = 1.0
+    chosen = {}
+    for score in ("scan", "bound"):
+        recorder = SelectionRecorder()
+        ama = backend(slice_len=L, budget=16, sink_slices=1, local_window=8, score=score)  # 1 slice to choose
+        ama.recorder = recorder
+        ama(q, k, torch.randn_like(k), None, layer_idx=0, cache=None)
+        chosen[score] = recorder.records[0].chosen[0, 0, 0, 1:10].nonzero().flatten().add(1).tolist()
+    assert chosen == {"scan": [6], "bound": [3]}
+
+
+def test_prefill_block_serves_each_of_its_queries():
+    """Two queries of one prefill block need different slices (3 and 6); a decoy slice (8) matches their mean
+    query best but neither query well. Summing each query's scan mass picks the slices the queries need."""
+    g = torch.Generator().manual_seed(0)
+    D, L = 8, 4
+    k = 0.1 * torch.randn(1, 1, 14 * L, D, generator=g)
+    k[0, 0, 3 * L : 4 * L, 0] += 5.0
+    k[0, 0, 6 * L : 7 * L, 1] += 5.0
+    k[0, 0, 8 * L : 9 * L, :2] += 2.83
+    q = torch.zeros(1, 1, 2, D)
+    q[0, 0, 0, 0] = q[0, 0, 1, 1] = 1.0  # the block's queries: positions 54 and 55 of slice 13
+    recorder = SelectionRecorder()
+    ama = backend(slice_len=L, budget=20, sink_slices=1, local_window=8, query_block=2)  # 2 slices to choose
+    ama.recorder = recorder
+    ama(q, k, torch.randn_like(k), None, layer_idx=0, cache=None)
+    chosen = recorder.records[0].chosen[0, 0, -1].nonzero().flatten().tolist()
+    assert chosen == [0, 3, 6, 12, 13]
 
 
 def test_prefill_blocks_select_causally():
@@ -178,8 +266,6 @@ def test_mediation_brings_sparse_attention_closer_to_full():
 
 # ---------------------------------------------------------------- the fused decode kernel against the PyTorch path
 
-needs_kernel = pytest.mark.skipif(not kernel.available(), reason="no C compiler for the AMA kernel")
-
 
 def both_decodes(cfg: AMAConfig, q, k, v, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernel's and the PyTorch reference's output for the same decode step."""
@@ -192,7 +278,7 @@ def both_decodes(cfg: AMAConfig, q, k, v, mask=None) -> tuple[torch.Tensor, torc
 
 @needs_kernel
 @pytest.mark.parametrize("mediation", ["off", "estimate"])
-@pytest.mark.parametrize("score", ["bound", "mean"])
+@pytest.mark.parametrize("score", ["scan", "bound", "mean"])
 @pytest.mark.parametrize("shape", [(1, 9, 3, 1000, 64), (2, 4, 2, 75, 16), (3, 6, 2, 203, 16), (2, 4, 4, 64, 8)])
 def test_fused_decode_equals_the_pytorch_path(mediation, score, shape):
     B, H, Hkv, S, D = shape  # GQA groups of 3, 2 and 1; a partial last slice or none
@@ -230,7 +316,7 @@ def test_fused_decode_with_padding_in_a_batch(mediation):
 def test_fused_decode_with_every_slice_in_budget_is_full_attention():
     q, k, v = random_qkv(T=1, S=70)
     cfg = AMAConfig(slice_len=8, budget=80, local_window=16)
-    out = kernel.decode(q, k, v, None, update_summaries(None, k, v, None, 8), kernel.settings(cfg))  # the kernel, not the shortcut
+    out = kernel.decode(q, k, v, None, update_summaries(None, k, v, None, 8, copy_keys=True), kernel.settings(cfg))  # the kernel, not the shortcut
     torch.testing.assert_close(out, sdpa_attention(q, k, v, None), atol=1e-5, rtol=1e-5)
 
 
@@ -303,7 +389,8 @@ def test_incremental_summaries_match_a_rebuild_and_survive_crop(tiny_model):
             for t in range(45, 60):
                 tiny_model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             state = cache.layer_state[1]["ama_summaries"]
-            fresh = summarize(cache.keys[1], cache.values[1], None, 8, 0, 7)
+            fresh = summarize(cache.keys[1], cache.values[1], None, 8, 0, 7, copy_keys=True)
+            assert state.key_codes is not None  # the default score scans a 4-bit key copy
             for a, b in zip(state.fields(), fresh.fields()):
                 torch.testing.assert_close(a, b)
             cache.crop(50)
@@ -410,8 +497,8 @@ def test_bad_configs_raise_config_error(fields):
 
 
 def test_budget_description_and_streaming_baseline():
-    assert AMAConfig(budget=1024).describe() == "budget 1024 = sinks 32 + local 768 + 7 selected x 32"
-    assert AMAConfig(budget=512).local_tokens == 384 and AMAConfig(budget=64, slice_len=32).local_tokens == 32
+    assert AMAConfig(budget=1024).describe() == "budget 1024 = sinks 32 + local 512 + 15 selected x 32"
+    assert AMAConfig(budget=512).local_tokens == 256 and AMAConfig(budget=64, slice_len=32).local_tokens == 32
     explicit = AMAConfig(budget=1024, local_window=128)
     assert explicit.describe() == "budget 1024 = sinks 32 + local 128 + 27 selected x 32"
     streaming = AMAConfig(budget=512, local_window=480, mediation="off")

@@ -2,9 +2,10 @@
 
 Per layer and KV head (the query heads of a grouped-query group share one choice):
 
-1. Score every full slice of the cache from its summary (``bound``: sum_d max(q_d kmin_d, q_d kmax_d), an
-   upper bound of q.k; ``mean``: q . mean key), summed over the group's heads, and turn the scores into
-   sampling probabilities ``p = softmax(score / sqrt(d))`` over the candidate slices.
+1. Score every full slice of the cache (``scan``: the attention mass its tokens get, estimated from a 4-bit copy
+   of the keys, see ``scan.py``; ``bound``: sum_d max(q_d kmin_d, q_d kmax_d), an upper bound of q.k; ``mean``:
+   q . mean key), summed over the group's heads, and turn the scores into sampling probabilities
+   ``p = softmax(score)`` over the candidate slices.
 2. Keep the sink slices and the local window, then the most probable candidates until the budget is spent
    (top-k, or Gumbel top-k to sample).
 3. Attend exactly to the tokens of those slices only (they are gathered; the rest is never read).
@@ -18,7 +19,8 @@ Per layer and KV head (the query heads of a grouped-query group share one choice
 Decode (one query) runs in one call of the fused C kernel (``kernel.py``) when it can; the PyTorch code here is
 its reference and fallback, gathering from the cache viewed as whole slices plus the partial last slice.
 Prefill cuts the queries into blocks of ``query_block`` queries inside one slice; every block selects its own
-slices causally, so the cost grows as context x budget rather than context^2.
+slices causally (summing its queries' scan masses), so exact attention grows as context x budget rather than
+context^2; the scan that ranks the slices still reads every earlier token, at 4 bits.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 from laformer.ama import kernel
 from laformer.ama.cache import SliceSummaries, update_summaries
 from laformer.ama.config import AMAConfig
+from laformer.ama.scan import slice_log_mass
 from laformer.attention import sdpa_attention
 from laformer.cache import KVCache
 
@@ -88,7 +91,7 @@ class AMAAttention:
         T = q.shape[2]
         valid = key_validity(mask, T)
         state = cache.layer_state[layer_idx] if cache is not None else None
-        summaries = update_summaries(state, k, v, valid, cfg.slice_len)
+        summaries = update_summaries(state, k, v, valid, cfg.slice_len, copy_keys=cfg.score == "scan")
         if T == 1 and self.fused and self.recorder is None and kernel.fits(q, k, v):
             return kernel.decode(q, k, v, valid, summaries, self._kernel_settings)
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
@@ -123,26 +126,31 @@ class AMAAttention:
 
     def _plan(
         self, qrows: torch.Tensor, positions, summaries: SliceSummaries, first: int, n_cols: int, n_pick: int,
-        per_slice: int = 1,
+        valid: torch.Tensor | None, per_slice: int = 1,
     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose slices for Q query blocks, block ``i`` holding queries of slice ``first + i // per_slice``.
 
         ``qrows`` (B, H_kv, Q, R, D) are the blocks' queries, one row per (group head, position), zero rows
-        being block padding; ``positions`` the real queries per block (a number or (Q, 1)). Scores are summed
-        over the group's heads and averaged over positions. Returns the candidate probabilities (B, H_kv, Q, F)
+        being block padding; ``positions`` the real queries per block (a number or (Q, 1)); ``valid`` (B, S) the
+        real keys. Scores are summed over the group's heads and averaged over positions (``scan`` sums every
+        query's mass). Returns the candidate probabilities (B, H_kv, Q, F)
         (None unless recorded, sampled or gated), the chosen slice indices and whether each is real
         (B, H_kv, Q, n_pick), and the pseudo-token bias base (B, 1, Q, n_cols): log(count) on candidates.
         """
         cfg, s = self.config, summaries
         Fs, dtype = s.num_slices, qrows.dtype
         cand_bias, prio_bias, pseudo_base = self._masks(s, first, qrows.shape[2], per_slice, n_cols, qrows.device)
-        if cfg.score == "bound":  # sum_d max(q_d kmin_d, q_d kmax_d) = q . center + |q| . radius
-            q_agg = torch.cat([qrows, qrows.abs()], -1).sum(3)  # (B, H_kv, Q, 2D)
+        if cfg.score == "scan":  # every query's own mass: a block's mean query would blur what each one needs
+            own = first + torch.arange(qrows.shape[2], device=qrows.device) // per_slice
+            logits = slice_log_mass(qrows, s, own, valid).to(dtype)  # (B, H_kv, Q, F)
         else:
-            q_agg = qrows.sum(3)
-        if not isinstance(positions, (int, float)) or positions != 1:
-            q_agg = q_agg / positions
-        logits = q_agg @ s.score_keys(cfg.score, qrows.shape[-1], dtype)  # (B, H_kv, Q, F): score / sqrt(d)
+            if cfg.score == "bound":  # sum_d max(q_d kmin_d, q_d kmax_d) = q . center + |q| . radius
+                q_agg = torch.cat([qrows, qrows.abs()], -1).sum(3)  # (B, H_kv, Q, 2D)
+            else:
+                q_agg = qrows.sum(3)
+            if not isinstance(positions, (int, float)) or positions != 1:
+                q_agg = q_agg / positions
+            logits = q_agg @ s.score_keys(cfg.score, qrows.shape[-1], dtype)  # (B, H_kv, Q, F): score / sqrt(d)
         probs = None
         if self.recorder is not None or cfg.sampling == "gumbel" or self.gates is not None:
             # Over candidates only; a block with none gets zeros. Selection is discrete: no gradient here.
@@ -183,7 +191,8 @@ class AMAAttention:
         tail = slice(Fs * L, S)  # the partial last slice, always attended
         partial = int(S > Fs * L)
         qrows = q.view(B, Hkv, 1, G, D)  # (B, H_kv, Q=1, R=G, D)
-        probs, idx, ok, pseudo_base = self._plan(qrows, 1.0, summaries, (S - 1) // L, Fs, cfg.budget_slices - partial)
+        probs, idx, ok, pseudo_base = self._plan(qrows, 1.0, summaries, (S - 1) // L, Fs, cfg.budget_slices - partial,
+                                                 valid)
         if self.recorder is not None:
             own_slice = idx.new_full((B, Hkv, 1, partial), (S - 1) // L)
             self._record(layer_idx, S, probs, torch.cat([idx, own_slice], -1),
@@ -231,7 +240,8 @@ class AMAAttention:
         start_pos = c0 * L + torch.arange(nb, device=q.device) * Lq  # first position of each query block
         n_pick = min(cfg.budget_slices, N)
         positions = (torch.clamp(start_pos + Lq, max=S) - torch.clamp(start_pos, min=P0)).clamp_min(1)[:, None]
-        probs, idx, ok, pseudo_base = self._plan(qb, positions, summaries, c0, N, n_pick, per_slice)
+        probs, idx, ok, pseudo_base = self._plan(qb, positions, summaries, c0, N, n_pick,
+                                                 key_validity(mask, T), per_slice)
         if self.recorder is not None:
             self._record(layer_idx, S, probs, idx, ok, N)
         mediate = cfg.mediation != "off"

@@ -14,11 +14,16 @@ from typing import Any
 import torch
 
 from laformer.cache import KVCache
+from laformer.errors import ConfigError
+
+
+KEY_LEVELS = 7  # the key copy of the scan score: integers -7..7 (4 bits, stored + 8), one scale per token
 
 
 @dataclass
 class SliceSummaries:
-    """Per full slice: channel-wise key min/max (an upper bound of q.k), mean key, mean value, token count."""
+    """Per full slice: channel-wise key min/max (an upper bound of q.k), mean key, mean value, token count, and
+    for the ``scan`` score a 4-bit copy of its keys."""
 
     kmin: torch.Tensor  # (B, H, N, D) float32
     kmax: torch.Tensor
@@ -26,6 +31,8 @@ class SliceSummaries:
     vmean: torch.Tensor
     count: torch.Tensor  # (B, 1, N) float32, real (non-padding) tokens in the slice
     log_count: torch.Tensor  # (B, 1, N) the pseudo-token logit bias of mediation
+    key_codes: torch.Tensor | None = None  # (B, H, N, L, D/2) uint8: two 4-bit keys channels per byte
+    key_scales: torch.Tensor | None = None  # (B, H, N, L) float32: key = scale * (code - 8)
 
     def score_keys(self, score: str, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
         """(B, H, D or 2D, N) keys of the slice scores, divided by sqrt(d). For ``bound``, [center, radius] of the
@@ -44,24 +51,45 @@ class SliceSummaries:
         self.cache: dict[tuple, Any] = {}  # derived tensors, rebuilt whenever a slice is added
 
     def cat(self, other: SliceSummaries) -> SliceSummaries:
-        return SliceSummaries(*(torch.cat([a, b], dim=2) for a, b in zip(self.fields(), other.fields())))
+        return SliceSummaries(*(None if a is None else torch.cat([a, b], dim=2)
+                                for a, b in zip(self.fields(), other.fields())))
 
-    def fields(self) -> tuple[torch.Tensor, ...]:
-        return self.kmin, self.kmax, self.kmean, self.vmean, self.count, self.log_count
+    def fields(self) -> tuple[torch.Tensor | None, ...]:
+        return self.kmin, self.kmax, self.kmean, self.vmean, self.count, self.log_count, self.key_codes, self.key_scales
+
+
+def key_copy(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D) float keys as 4-bit codes (..., D/2) uint8, channels 2i and 2i+1 in the low and high half of byte
+    i, and per-token scales (...): ``key = scale * (code - 8)``, symmetric, max |key| / KEY_LEVELS."""
+    if keys.shape[-1] % 2:
+        raise ConfigError(f"AMA score 'scan' packs two key channels per byte and needs an even head dim, got "
+                          f"{keys.shape[-1]}; use AMAConfig(score='bound') for this model")
+    scales = keys.abs().amax(-1) / KEY_LEVELS
+    codes = torch.round(keys / scales.clamp_min(1e-30)[..., None]).clamp_(-KEY_LEVELS, KEY_LEVELS).to(torch.uint8) + 8
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), scales
+
+
+def unpack_key_codes(codes: torch.Tensor) -> torch.Tensor:
+    """(..., D/2) packed codes -> (..., D) float32 integers -7..7 (the key divided by its scale)."""
+    low, high = (codes & 15).float() - 8, (codes >> 4).float() - 8
+    return torch.stack([low, high], -1).flatten(-2)
 
 
 def summarize(
-    k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, slice_len: int, start: int, end: int
+    k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, slice_len: int, start: int, end: int,
+    copy_keys: bool = False,
 ) -> SliceSummaries:
-    """Summaries of slices ``start:end`` of (B, H, S, D) keys/values; ``valid`` (B, S) marks real tokens."""
+    """Summaries of slices ``start:end`` of (B, H, S, D) keys/values; ``valid`` (B, S) marks real tokens.
+    ``copy_keys`` adds the 4-bit key copy the ``scan`` score reads."""
     B, H, _, D = k.shape
     n = end - start
     span = slice(start * slice_len, end * slice_len)
     kb = k[:, :, span].float().reshape(B, H, n, slice_len, D)  # (B, H, n, L, D)
     vb = v[:, :, span].float().reshape(B, H, n, slice_len, D)
+    sketch = key_copy(kb) if copy_keys else (None, None)
     if valid is None:
         count = torch.full((B, 1, n), float(slice_len), device=k.device)
-        return SliceSummaries(kb.amin(3), kb.amax(3), kb.mean(3), vb.mean(3), count, count.log())
+        return SliceSummaries(kb.amin(3), kb.amax(3), kb.mean(3), vb.mean(3), count, count.log(), *sketch)
     keep = valid[:, span].reshape(B, 1, n, slice_len, 1)
     count = keep.sum(3, dtype=torch.float32)  # (B, 1, n, 1)
     empty = count == 0
@@ -71,11 +99,12 @@ def summarize(
     kmean = (kb * keep).sum(3) / denom
     vmean = (vb * keep).sum(3) / denom
     count = count.squeeze(-1)
-    return SliceSummaries(kmin, kmax, kmean, vmean, count, count.log())
+    return SliceSummaries(kmin, kmax, kmean, vmean, count, count.log(), *sketch)
 
 
 def update_summaries(
-    state: dict[str, Any] | None, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, slice_len: int
+    state: dict[str, Any] | None, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, slice_len: int,
+    copy_keys: bool = False,
 ) -> SliceSummaries:
     """Bring the summaries in ``state`` (a cache's ``layer_state``) up to date with the full slices of ``k``.
 
@@ -84,14 +113,15 @@ def update_summaries(
     """
     full = k.shape[2] // slice_len
     summaries = state.get("ama_summaries") if state is not None else None
-    if summaries is not None and (summaries.kmin.shape[0] != k.shape[0] or summaries.num_slices > full):
+    if summaries is not None and (summaries.kmin.shape[0] != k.shape[0] or summaries.num_slices > full
+                                  or (summaries.key_codes is not None) != copy_keys):
         summaries = None
     done = 0 if summaries is None else summaries.num_slices
     if done < full:
-        new = summarize(k, v, valid, slice_len, done, full)
+        new = summarize(k, v, valid, slice_len, done, full, copy_keys)
         summaries = new if summaries is None else summaries.cat(new)
     elif summaries is None:
-        summaries = summarize(k, v, valid, slice_len, 0, 0)
+        summaries = summarize(k, v, valid, slice_len, 0, 0, copy_keys)
     if state is not None:
         state["ama_summaries"] = summaries
     return summaries

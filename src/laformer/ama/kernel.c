@@ -1,8 +1,9 @@
 /* One AMA decode step of one layer in a single call: the fused form of AMAAttention._decode (attention.py),
  * which stays the reference. Per (batch row, KV head), with the G query heads of the group sharing the choice:
  *
- *   1. score every candidate slice from its summary (bound: q.center + |q|.radius of the key min/max box,
- *      summed over the group; or q . mean key), in float32;
+ *   1. score every candidate slice: scan (the attention mass of its tokens, estimated from a 4-bit copy of the
+ *      keys and int8 queries, summed over the group; scan.py is its reference), or from its summary (bound:
+ *      q.center + |q|.radius of the key min/max box, summed over the group; or q . mean key), in float32;
  *   2. keep the sink slices and the local window, and pick the best candidates until the budget is spent
  *      (a quickselect, no sort);
  *   3. attend exactly to the tokens of the chosen slices and of the partial last slice, reading them in place
@@ -17,6 +18,9 @@
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,10 +39,11 @@ static float dot(const float *a, const float *b, int D) {
 }
 
 /* exp(x) for x <= 0, 0 for x = -inf; Cephes' expf polynomial (about 1 ulp), branch-free so that the loops
- * calling it vectorise, which libm's expf does not. */
+ * calling it vectorise, which libm's expf does not. n = round(x / ln 2) by adding and removing 1.5 * 2^23
+ * (floorf is a libm call that stops the vectoriser). */
 static inline float exp_nonpositive(float x) {
     float clamped = x < -87.0f ? -87.0f : x;
-    float n = floorf(clamped * 1.44269504088896341f + 0.5f);
+    float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -49,6 +54,43 @@ static inline float exp_nonpositive(float x) {
     p = p * r * r + r + 1.0f;
     union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
     return x < -87.0f ? 0.0f : p * two_n.f;
+}
+
+/* s[t] = exp(s[t] - m) for t < n (s[t] <= m, or -inf); returns their sum. The loop calling exp_nonpositive does
+ * not vectorise (gcc sees control flow), so AVX2 builds run the same polynomial eight lanes at a time. */
+static float exp_shifted_sum(float *s, int n, float m) {
+    float sum = 0.0f;
+    int t = 0;
+#ifdef __AVX2__
+    const __m256 lowest = _mm256_set1_ps(-87.0f), shift = _mm256_set1_ps(m), magic = _mm256_set1_ps(12582912.0f);
+    __m256 total = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(s + t), shift);
+        const __m256 clamped = _mm256_max_ps(x, lowest);
+        const __m256 k = _mm256_sub_ps(_mm256_fmadd_ps(clamped, _mm256_set1_ps(1.44269504088896341f), magic), magic);
+        __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), clamped);
+        r = _mm256_fmadd_ps(k, _mm256_set1_ps(2.12194440e-4f), r);
+        __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+        p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+        const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+        const __m256 w = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_cmp_ps(x, lowest, _CMP_GE_OQ));
+        _mm256_storeu_ps(s + t, w);
+        total = _mm256_add_ps(total, w);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, total);
+    for (int i = 0; i < 8; i++) sum += lanes[i];
+#endif
+    for (; t < n; t++) {
+        s[t] = exp_nonpositive(s[t] - m);
+        sum += s[t];
+    }
+    return sum;
 }
 
 /* Fold n keys/values (rows `stride` floats apart) into the online softmax of the G heads. A token is skipped
@@ -87,13 +129,9 @@ static void attend(Softmax *st, const float *q, int G, int D, float scale, const
         }
         const float m = st->m[g] > block_max ? st->m[g] : block_max;
         const float c = exp_nonpositive(st->m[g] - m); /* 0 on the first block (m was -inf) */
-        float *acc = st->acc + (int64_t)g * D, l = 0.0f;
+        float *acc = st->acc + (int64_t)g * D;
         for (int d = 0; d < D; d++) acc[d] *= c;
-#pragma omp simd reduction(+ : l)
-        for (int t = 0; t < n; t++) {
-            s[t] = exp_nonpositive(s[t] - m); /* the weight of token t */
-            l += s[t];
-        }
+        const float l = exp_shifted_sum(s, n, m); /* s[t]: the weight of token t */
         st->m[g] = m;
         st->l[g] = st->l[g] * c + l;
     }
@@ -105,6 +143,111 @@ static void attend(Softmax *st, const float *q, int G, int D, float scale, const
             if (p == 0.0f) continue;
 #pragma omp simd
             for (int d = 0; d < D; d++) acc[d] += p * vt[d];
+        }
+    }
+}
+
+/* Integer products of G int8 queries with n tokens' 4-bit codes (D/2 bytes per token, channels 2i and 2i+1 in the
+ * low and high half of byte i, stored + 8), written as G rows of n int32 to dots. qi holds the queries, G rows
+ * of D; qsum their sums (the + 8 of the codes is taken back as 8 * qsum). */
+static void code_products(const int8_t *qi, const int32_t *qsum, int G, int D, const uint8_t *codes, int n,
+                          int32_t *dots) {
+    const int row = D / 2;
+    int t = 0;
+#ifdef __AVX2__
+    if (D % 64 == 0) { /* 32 bytes (64 channels) per step; 8 tokens' sums reduced together */
+        const int chunks = D / 64;
+        int8_t qe[G * row], qo[G * row]; /* the even and odd channels, matching the low and high nibbles */
+        for (int g = 0; g < G; g++)
+            for (int i = 0; i < row; i++) qe[g * row + i] = qi[g * D + 2 * i], qo[g * row + i] = qi[g * D + 2 * i + 1];
+        const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+        for (; t + 8 <= n; t += 8) {
+            __m256i acc[G][8];
+            for (int u = 0; u < 8; u++) {
+                const uint8_t *c = codes + (int64_t)(t + u) * row;
+                for (int g = 0; g < G; g++) acc[g][u] = _mm256_setzero_si256();
+                for (int ch = 0; ch < chunks; ch++) {
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(c + 32 * ch));
+                    const __m256i lo = _mm256_and_si256(x, nibble);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
+                    for (int g = 0; g < G; g++) {
+                        const __m256i e = _mm256_loadu_si256((const __m256i *)(qe + g * row + 32 * ch));
+                        const __m256i o = _mm256_loadu_si256((const __m256i *)(qo + g * row + 32 * ch));
+                        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, e), _mm256_maddubs_epi16(hi, o));
+                        acc[g][u] = _mm256_add_epi32(acc[g][u], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+            for (int g = 0; g < G; g++) { /* 8 vectors of 8 partial sums -> one vector of the 8 tokens' sums */
+                const __m256i *a = acc[g];
+                const __m256i b0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+                const __m256i b1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+                const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20),
+                                                      _mm256_permute2x128_si256(b0, b1, 0x31));
+                _mm256_storeu_si256((__m256i *)(dots + (int64_t)g * n + t),
+                                    _mm256_sub_epi32(sums, _mm256_set1_epi32(8 * qsum[g])));
+            }
+        }
+    }
+#endif
+    for (; t < n; t++) {
+        const uint8_t *c = codes + (int64_t)t * row;
+        for (int g = 0; g < G; g++) {
+            const int8_t *qg = qi + g * D;
+            int32_t sum = 0;
+            for (int i = 0; i < row; i++) sum += ((c[i] & 15) - 8) * qg[2 * i] + ((c[i] >> 4) - 8) * qg[2 * i + 1];
+            dots[(int64_t)g * n + t] = sum;
+        }
+    }
+}
+
+/* The scan score (scan.py's slice_log_mass, without the log): per query head, q rounded to int8, logits of the
+ * first n tokens (whole slices of L) from their 4-bit codes, softmax over the real ones; mass[j] = the mass of
+ * slice j summed over the G heads. work: G * n floats (and as many int32). */
+static void scan_mass(const float *q, int G, int D, const uint8_t *codes, const float *key_scales, int n, int L,
+                      const uint8_t *valid, float *work, float *mass) {
+    int8_t qi[G * D];
+    int32_t qsum[G];
+    float qscale[G];
+    const float root = sqrtf((float)D);
+    for (int g = 0; g < G; g++) {
+        float amax = 0.0f;
+        for (int d = 0; d < D; d++) amax = fabsf(q[g * D + d]) > amax ? fabsf(q[g * D + d]) : amax;
+        const float inv = 127.0f / amax;
+        qsum[g] = 0;
+        for (int d = 0; d < D; d++) {
+            qi[g * D + d] = amax > 0.0f ? (int8_t)nearbyintf(q[g * D + d] * inv) : 0;
+            qsum[g] += qi[g * D + d];
+        }
+        qscale[g] = amax / 127.0f / root;
+    }
+    int32_t *dots = (int32_t *)work; /* converted to logits in place */
+    code_products(qi, qsum, G, D, codes, n, dots);
+    for (int j = 0; j < n / L; j++) mass[j] = 0.0f;
+    for (int g = 0; g < G; g++) {
+        float *s = work + (int64_t)g * n, m = -INFINITY;
+        const int32_t *dg = dots + (int64_t)g * n;
+        const float qs = qscale[g];
+        if (valid) {
+#pragma omp simd reduction(max : m)
+            for (int t = 0; t < n; t++) {
+                s[t] = valid[t] ? (float)dg[t] * key_scales[t] * qs : -INFINITY;
+                m = s[t] > m ? s[t] : m;
+            }
+        } else {
+#pragma omp simd reduction(max : m)
+            for (int t = 0; t < n; t++) {
+                s[t] = (float)dg[t] * key_scales[t] * qs;
+                m = s[t] > m ? s[t] : m;
+            }
+        }
+        if (m == -INFINITY || qs == 0.0f) continue; /* nothing visible, or an all-zero query (as scan.py) */
+        const float inv_z = 1.0f / exp_shifted_sum(s, n, m);
+        for (int j = 0; j < n / L; j++) {
+            float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+            for (int t = j * L; t < (j + 1) * L; t++) part += s[t];
+            mass[j] += part * inv_z;
         }
     }
 }
@@ -135,19 +278,49 @@ static void select_top(Scored *a, int n, int k) {
     }
 }
 
+/* The scan masses of Q query blocks (prefill): q (B, Hkv, Q, R, D) rows per block, key_codes (B, Hkv, N * L, D / 2),
+ * key_scales (B, Hkv, N * L), own (Q) the slice of each block (slices before it are scored), valid (B, S) or NULL;
+ * mass (B, Hkv, Q, N) out, zero for slices not scored. */
+void laformer_ama_scan(const float *q, const uint8_t *key_codes, const float *key_scales, const int64_t *own,
+                       const uint8_t *valid, float *mass, int B, int Hkv, int Q, int R, int D, int N, int L, int S) {
+    float *work = malloc(sizeof(float) * (size_t)R * N * L);
+    for (int64_t unit = 0; unit < (int64_t)B * Hkv; unit++) {
+        const int b = (int)(unit / Hkv);
+        const uint8_t *codes = key_codes + unit * N * L * (D / 2);
+        const float *scales = key_scales + unit * N * L;
+        for (int i = 0; i < Q; i++) {
+            const int slices = own[i] < N ? (int)own[i] : N;
+            float *out = mass + (unit * Q + i) * N;
+            if (slices > 0)
+                scan_mass(q + (unit * Q + i) * R * D, R, D, codes, scales, slices * L, L,
+                          valid ? valid + (int64_t)b * S : NULL, work, out);
+            for (int j = slices > 0 ? slices : 0; j < N; j++) out[j] = 0.0f;
+        }
+    }
+    free(work);
+}
+
+enum { SCORE_BOUND, SCORE_MEAN, SCORE_SCAN };
+
 /* q (B, H, D); k, v (B, Hkv, S, D) with the given batch/head strides and rows of D contiguous floats;
  * valid (B, S) or NULL; kmin, kmax, kmean, vmean (B, Hkv, N, D) contiguous, N = S / L full slices;
- * log_count (B, N); out (B, H, D). n_pick: slices attended besides the partial last one. */
+ * log_count (B, N); key_codes (B, Hkv, N * L, D / 2) and key_scales (B, Hkv, N * L), or NULL unless scanning;
+ * out (B, H, D). n_pick: slices attended besides the partial last one; score: a SCORE_ value. */
 void laformer_ama_decode(const float *q, const float *k, const float *v, int64_t k_sb, int64_t k_sh,
                          int64_t v_sb, int64_t v_sh, const uint8_t *valid, const float *kmin, const float *kmax,
-                         const float *kmean, const float *vmean, const float *log_count, float *out, int B, int H,
-                         int Hkv, int S, int D, int L, int sink_slices, int local_slices, int n_pick, int score_mean,
-                         int mediate) {
+                         const float *kmean, const float *vmean, const float *log_count, const uint8_t *key_codes,
+                         const float *key_scales, float *out, int B, int H, int Hkv, int S, int D, int L,
+                         int sink_slices, int local_slices, int n_pick, int score, int mediate) {
     const int G = H / Hkv, N = S / L, own = (S - 1) / L;
     const int local_start = own - local_slices + 1 > 0 ? own - local_slices + 1 : 0;
     const int sink_end = local_start < sink_slices ? local_start : sink_slices;
     const float scale = 1.0f / sqrtf((float)D);
     const int scratch = N > L ? N : L;
+    const int scanned = score == SCORE_SCAN ? (own < N ? own : N) * L : 0; /* tokens of full slices before own */
+    /* one allocation per call, reused by every (batch row, KV head) */
+    float *buffer = malloc(sizeof(float) * ((size_t)G * (2 + D + scratch) + 2 * D + 2 * N + (size_t)G * scanned));
+    Scored *cands = malloc(sizeof(Scored) * (N > 0 ? N : 1));
+    uint8_t *chosen = malloc(N > 0 ? N : 1);
 
     for (int unit = 0; unit < B * Hkv; unit++) {
         const int b = unit / Hkv, h = unit % Hkv;
@@ -157,11 +330,10 @@ void laformer_ama_decode(const float *q, const float *k, const float *v, int64_t
         const float *lc = log_count + (int64_t)b * N;
         const uint8_t *vb = valid ? valid + (int64_t)b * S : NULL;
 
-        float *buffer = malloc(sizeof(float) * ((size_t)G * (2 + D + scratch) + 2 * D + N));
-        Scored *cands = malloc(sizeof(Scored) * (N > 0 ? N : 1));
-        uint8_t *chosen = calloc(N > 0 ? N : 1, 1);
+        memset(chosen, 0, N > 0 ? N : 1);
         Softmax st = {buffer, buffer + G, buffer + 2 * G, buffer + G * (2 + D)};
         float *qsum = st.s + (int64_t)G * scratch, *qabs = qsum + D, *pseudo_bias = qabs + D;
+        float *mass = pseudo_bias + N, *work = mass + N;
         for (int g = 0; g < G; g++) st.m[g] = -INFINITY, st.l[g] = 0.0f;
         memset(st.acc, 0, sizeof(float) * G * D);
 
@@ -173,26 +345,32 @@ void laformer_ama_decode(const float *q, const float *k, const float *v, int64_t
         }
         int n_cand = 0, n_forced = 0;
         for (int j = 0; j < N; j++) {
-            if (j < sink_end || (j >= local_start && j <= own)) {
-                chosen[j] = 1, n_forced++;
-            } else if (j < local_start && lc[j] != -INFINITY) {
+            if (j < sink_end || (j >= local_start && j <= own)) chosen[j] = 1, n_forced++;
+            else if (j < local_start && lc[j] != -INFINITY) cands[n_cand++].index = j;
+        }
+        /* 2. the best candidates fill the budget; scores are needed only when not all of them fit */
+        int n_sel = n_pick - n_forced < n_cand ? n_pick - n_forced : n_cand;
+        if (n_sel > 0 && n_sel < n_cand) {
+            if (score == SCORE_SCAN)
+                scan_mass(qg, G, D, key_codes + ((int64_t)b * Hkv + h) * N * L * (D / 2),
+                          key_scales + ((int64_t)b * Hkv + h) * N * L, scanned, L, vb, work, mass);
+            for (int i = 0; i < n_cand; i++) {
+                const int j = cands[i].index;
                 const float *lo = kmin + summary + (int64_t)j * D, *hi = kmax + summary + (int64_t)j * D;
-                float score = 0.0f;
-                if (score_mean) {
-                    score = dot(qsum, kmean + summary + (int64_t)j * D, D);
+                float value = 0.0f;
+                if (score == SCORE_SCAN) {
+                    value = mass[j];
+                } else if (score == SCORE_MEAN) {
+                    value = dot(qsum, kmean + summary + (int64_t)j * D, D);
                 } else {
                     for (int d = 0; d < D; d++)
-                        score += qsum[d] * (hi[d] + lo[d]) * 0.5f + qabs[d] * (hi[d] - lo[d]) * 0.5f;
+                        value += qsum[d] * (hi[d] + lo[d]) * 0.5f + qabs[d] * (hi[d] - lo[d]) * 0.5f;
                 }
-                cands[n_cand].score = score, cands[n_cand].index = j, n_cand++;
+                cands[i].score = value;
             }
-        }
-        /* 2. the best candidates fill the budget */
-        int n_sel = n_pick - n_forced < n_cand ? n_pick - n_forced : n_cand;
-        if (n_sel > 0) {
             select_top(cands, n_cand, n_sel);
-            for (int i = 0; i < n_sel; i++) chosen[cands[i].index] = 1;
         }
+        for (int i = 0; i < n_sel; i++) chosen[cands[i].index] = 1;
         /* 3. exact attention: chosen full slices, then the partial last slice */
         for (int j = 0; j < N; j++) {
             if (!chosen[j]) continue;
@@ -218,8 +396,8 @@ void laformer_ama_decode(const float *q, const float *k, const float *v, int64_t
             const float inv = st.l[g] > 0.0f ? 1.0f / st.l[g] : 0.0f;
             for (int d = 0; d < D; d++) o[d] = st.acc[g * D + d] * inv;
         }
-        free(buffer);
-        free(cands);
-        free(chosen);
     }
+    free(buffer);
+    free(cands);
+    free(chosen);
 }

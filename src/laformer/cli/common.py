@@ -64,8 +64,9 @@ def add_attention_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ama-sink-slices", type=int, default=1, help="first slices always kept (default: 1)")
     group.add_argument("--ama-mediation", choices=("off", "estimate", "learned"), default="estimate",
                        help="how unselected slices still count (default: estimate)")
-    group.add_argument("--ama-score", choices=("bound", "mean"), default=None,
-                       help="slice score: min/max upper bound of q.k, or q . mean key (default: AMAConfig's)")
+    group.add_argument("--ama-score", choices=("scan", "bound", "mean"), default=None,
+                       help="slice score: attention mass from a 4-bit key copy, min/max upper bound of q.k, or "
+                            "q . mean key (default: AMAConfig's, scan)")
     group.add_argument("--ama-dense-layers", type=int, default=0, help="first N layers keep full attention")
 
 
