@@ -316,7 +316,8 @@ def test_fused_decode_with_padding_in_a_batch(mediation):
 def test_fused_decode_with_every_slice_in_budget_is_full_attention():
     q, k, v = random_qkv(T=1, S=70)
     cfg = AMAConfig(slice_len=8, budget=80, local_window=16)
-    out = kernel.decode(q, k, v, None, update_summaries(None, k, v, None, 8, copy_keys=True), kernel.settings(cfg))  # the kernel, not the shortcut
+    summaries = update_summaries(None, k, v, None, 8, copy_keys=True)
+    out = kernel.decode(q, k, v, None, summaries, kernel.settings(cfg))  # the kernel, not the shortcut
     torch.testing.assert_close(out, sdpa_attention(q, k, v, None), atol=1e-5, rtol=1e-5)
 
 

@@ -16,7 +16,6 @@ import torch
 from laformer.cache import KVCache
 from laformer.errors import ConfigError
 
-
 KEY_LEVELS = 7  # the key copy of the scan score: integers -7..7 (4 bits, stored + 8), one scale per token
 
 
@@ -31,7 +30,7 @@ class SliceSummaries:
     vmean: torch.Tensor
     count: torch.Tensor  # (B, 1, N) float32, real (non-padding) tokens in the slice
     log_count: torch.Tensor  # (B, 1, N) the pseudo-token logit bias of mediation
-    key_codes: torch.Tensor | None = None  # (B, H, N, L, D/2) uint8: two 4-bit keys channels per byte
+    key_codes: torch.Tensor | None = None  # (B, H, N, L, D/2) uint8: two 4-bit key channels per byte
     key_scales: torch.Tensor | None = None  # (B, H, N, L) float32: key = scale * (code - 8)
 
     def score_keys(self, score: str, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -86,10 +85,10 @@ def summarize(
     span = slice(start * slice_len, end * slice_len)
     kb = k[:, :, span].float().reshape(B, H, n, slice_len, D)  # (B, H, n, L, D)
     vb = v[:, :, span].float().reshape(B, H, n, slice_len, D)
-    sketch = key_copy(kb) if copy_keys else (None, None)
+    copied = key_copy(kb) if copy_keys else (None, None)
     if valid is None:
         count = torch.full((B, 1, n), float(slice_len), device=k.device)
-        return SliceSummaries(kb.amin(3), kb.amax(3), kb.mean(3), vb.mean(3), count, count.log(), *sketch)
+        return SliceSummaries(kb.amin(3), kb.amax(3), kb.mean(3), vb.mean(3), count, count.log(), *copied)
     keep = valid[:, span].reshape(B, 1, n, slice_len, 1)
     count = keep.sum(3, dtype=torch.float32)  # (B, 1, n, 1)
     empty = count == 0
@@ -99,7 +98,7 @@ def summarize(
     kmean = (kb * keep).sum(3) / denom
     vmean = (vb * keep).sum(3) / denom
     count = count.squeeze(-1)
-    return SliceSummaries(kmin, kmax, kmean, vmean, count, count.log(), *sketch)
+    return SliceSummaries(kmin, kmax, kmean, vmean, count, count.log(), *copied)
 
 
 def update_summaries(

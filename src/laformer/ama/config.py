@@ -36,7 +36,7 @@ class AMAConfig:
     budget: int = 1024
     sink_slices: int = 1
     local_window: int | None = None  # None: LOCAL_SHARE of the budget, in whole slices (see ``local_tokens``)
-    score: str = "scan"  # "scan": attention mass from a 4-bit key copy; "bound": min/max bound of q.k; "mean": q . mean key
+    score: str = "scan"  # "scan": mass from a 4-bit key copy | "bound": min/max bound of q.k | "mean": q . mean key
     mediation: str = "estimate"  # "off" | "estimate" (training-free) | "learned" (trainable gate)
     sampling: str = "topk"  # "topk" (deterministic) | "gumbel" (stochastic top-k, for training)
     dense_layers: int = 0  # the first N layers keep full attention

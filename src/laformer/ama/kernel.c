@@ -173,7 +173,8 @@ static void code_products(const int8_t *qi, const int32_t *qsum, int G, int D, c
                     for (int g = 0; g < G; g++) {
                         const __m256i e = _mm256_loadu_si256((const __m256i *)(qe + g * row + 32 * ch));
                         const __m256i o = _mm256_loadu_si256((const __m256i *)(qo + g * row + 32 * ch));
-                        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, e), _mm256_maddubs_epi16(hi, o));
+                        const __m256i pairs =
+                            _mm256_add_epi16(_mm256_maddubs_epi16(lo, e), _mm256_maddubs_epi16(hi, o));
                         acc[g][u] = _mm256_add_epi32(acc[g][u], _mm256_madd_epi16(pairs, ones));
                     }
                 }

@@ -5,6 +5,8 @@ the tokens it reads; the kernel scores the slices, picks them, attends to them i
 cache and folds in the mediation pseudo-tokens in a single pass. ``AMAAttention._decode``'s PyTorch code is the
 reference (the tests compare both) and the fallback: without a C compiler, with ``LAFORMER_NO_KERNELS=1``, for
 other dtypes or devices, and for what the kernel does not do (recording, Gumbel sampling, the learned gate).
+The same library scores prefill query blocks for the ``scan`` score (``scan``), whose PyTorch reference is
+``scan.slice_mass``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _flags() -> list[str]:
 
 @functools.cache
 def _library():
-    lib = native.load(SOURCE, _flags(), "AMA decode")
+    lib = native.load(SOURCE, _flags(), "AMA kernels")
     if lib is None:
         return None
     lib.laformer_ama_decode.restype = lib.laformer_ama_scan.restype = None
@@ -52,8 +54,8 @@ def scan(q_rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, own: t
     valid = None if valid is None else valid.to(torch.uint8).contiguous()
     mass = torch.empty(B, Hkv, Q, N)
     lib.laformer_ama_scan(q_rows.data_ptr(), codes.data_ptr(), scales.data_ptr(), own.data_ptr(),
-       None if valid is None else valid.data_ptr(), mass.data_ptr(), B, Hkv, Q, R, D, N, L,
-       0 if valid is None else valid.shape[1])
+                          None if valid is None else valid.data_ptr(), mass.data_ptr(), B, Hkv, Q, R, D, N, L,
+                          0 if valid is None else valid.shape[1])
     return mass
 
 
