@@ -50,9 +50,11 @@ def random_qkv(B=2, H=4, Hkv=2, T=70, S=70, D=16, seed=0):
 def test_sparse_kernels_equal_full_attention_when_every_slice_fits(mediation, query_len):
     q, k, v = random_qkv(T=query_len)
     ama = backend(slice_len=8, budget=80, local_window=16, mediation=mediation)
-    summaries = update_summaries(None, k, v, None, 8, copy_keys=True)
-    run = ama._decode if query_len == 1 else ama._prefill
-    out = run(q, k, v, None, summaries, 0, None)
+    summaries = update_summaries(None, k, v, None, 8, score="scan")
+    if query_len == 1:
+        out = ama._decode(q, k, v, None, summaries, 0, None)
+    else:
+        out = ama._prefill(q, k, v, None, None, summaries, 0, None)
     torch.testing.assert_close(out, sdpa_attention(q, k, v, None), atol=1e-5, rtol=1e-5)
 
 
@@ -108,7 +110,7 @@ def test_scan_mass_is_the_softmax_of_the_rounded_keys():
     q, k, v = random_qkv(B=2, H=6, Hkv=2, T=1, S=72, D=16, seed=5)
     valid = torch.ones(2, 72, dtype=torch.bool)
     valid[1, :11] = False
-    s = summarize(k, v, valid, 8, 0, 9, copy_keys=True)
+    s = summarize(k, v, valid, 8, 0, 9, score="scan")
     rounded_keys = unpack_key_codes(s.key_codes).flatten(2, 3) * s.key_scales.flatten(2)[..., None]
     assert (rounded_keys - k).abs().max() <= k.abs().amax(-1).max() / 14 + 1e-6  # half a 4-bit step
     q_heads = q.view(2, 2, 1, 3, 16)
@@ -131,7 +133,7 @@ def test_scan_in_c_equals_the_pytorch_reference(D):
     k = torch.randn(B, Hkv, S, D, generator=g)
     valid = torch.ones(B, S, dtype=torch.bool)
     valid[1, :19] = False
-    s = summarize(k, k, valid, L, 0, S // L, copy_keys=True)
+    s = summarize(k, k, valid, L, 0, S // L, score="scan")
     q_rows = 2 * torch.randn(B, Hkv, Q, R, D, generator=g)
     q_rows[:, :, 0, -2:] = 0.0  # block padding
     own = torch.tensor([0, 3, 7, 20, 25])  # nothing scored, a few slices, up to all of them
@@ -301,13 +303,14 @@ def test_fused_decode_selects_the_planted_slices():
 
 @needs_kernel
 @pytest.mark.parametrize("mediation", ["off", "estimate"])
-def test_fused_decode_with_padding_in_a_batch(mediation):
+@pytest.mark.parametrize("score", ["scan", "bound"])  # the bound's min/max skip padding tokens too
+def test_fused_decode_with_padding_in_a_batch(mediation, score):
     q, k, v = random_qkv(B=3, H=6, Hkv=2, T=1, S=203, seed=11)
     padding = torch.ones(3, 203, dtype=torch.bool)
     padding[1, :13] = False  # left padding, part of a slice
     padding[2, :70] = False  # whole slices of padding, the sink among them
     mask = build_attention_mask(padding, 1, 203, q.device)
-    cfg = AMAConfig(slice_len=8, budget=48, local_window=16, mediation=mediation)
+    cfg = AMAConfig(slice_len=8, budget=48, local_window=16, mediation=mediation, score=score)
     fused, reference = both_decodes(cfg, q, k, v, mask)
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
 
@@ -316,7 +319,7 @@ def test_fused_decode_with_padding_in_a_batch(mediation):
 def test_fused_decode_with_every_slice_in_budget_is_full_attention():
     q, k, v = random_qkv(T=1, S=70)
     cfg = AMAConfig(slice_len=8, budget=80, local_window=16)
-    summaries = update_summaries(None, k, v, None, 8, copy_keys=True)
+    summaries = update_summaries(None, k, v, None, 8, score="scan")
     out = kernel.decode(q, k, v, None, summaries, kernel.settings(cfg))  # the kernel, not the shortcut
     torch.testing.assert_close(out, sdpa_attention(q, k, v, None), atol=1e-5, rtol=1e-5)
 
@@ -390,7 +393,7 @@ def test_incremental_summaries_match_a_rebuild_and_survive_crop(tiny_model):
             for t in range(45, 60):
                 tiny_model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             state = cache.layer_state[1]["ama_summaries"]
-            fresh = summarize(cache.keys[1], cache.values[1], None, 8, 0, 7, copy_keys=True)
+            fresh = summarize(cache.keys[1], cache.values[1], None, 8, 0, 7, score="scan")
             assert state.key_codes is not None  # the default score scans a 4-bit key copy
             for a, b in zip(state.fields(), fresh.fields()):
                 torch.testing.assert_close(a, b)

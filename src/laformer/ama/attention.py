@@ -91,7 +91,7 @@ class AMAAttention:
         T = q.shape[2]
         valid = key_validity(mask, T)
         state = cache.layer_state[layer_idx] if cache is not None else None
-        summaries = update_summaries(state, k, v, valid, cfg.slice_len, copy_keys=cfg.score == "scan")
+        summaries = update_summaries(state, k, v, valid, cfg.slice_len, cfg.score)
         if T == 1 and self.fused and self.recorder is None and kernel.fits(q, k, v):
             return kernel.decode(q, k, v, valid, summaries, self._kernel_settings)
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
@@ -99,7 +99,7 @@ class AMAAttention:
         if T == 1:
             out = self._decode(q.to(dtype), k, v, valid, summaries, layer_idx, gate)
         else:
-            out = self._prefill(q.to(dtype), k, v, mask, summaries, layer_idx, gate)
+            out = self._prefill(q.to(dtype), k, v, mask, valid, summaries, layer_idx, gate)
         return out.to(q.dtype)
 
     # ------------------------------------------------------------------ selection
@@ -224,7 +224,7 @@ class AMAAttention:
 
     # ------------------------------------------------------------------ prefill: block-sparse
 
-    def _prefill(self, q, k, v, mask, summaries, layer_idx, gate) -> torch.Tensor:
+    def _prefill(self, q, k, v, mask, valid, summaries, layer_idx, gate) -> torch.Tensor:
         cfg, L, Lq = self.config, self.config.slice_len, self.config.prefill_block
         B, H, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
@@ -240,8 +240,8 @@ class AMAAttention:
         start_pos = c0 * L + torch.arange(nb, device=q.device) * Lq  # first position of each query block
         n_pick = min(cfg.budget_slices, N)
         positions = (torch.clamp(start_pos + Lq, max=S) - torch.clamp(start_pos, min=P0)).clamp_min(1)[:, None]
-        probs, idx, ok, pseudo_base = self._plan(qb, positions, summaries, c0, N, n_pick,
-                                                 key_validity(mask, T), per_slice)
+        probs, idx, ok, pseudo_base = self._plan(qb, positions, summaries, c0, N, n_pick, valid,
+                                                 per_slice)
         if self.recorder is not None:
             self._record(layer_idx, S, probs, idx, ok, N)
         mediate = cfg.mediation != "off"

@@ -21,16 +21,16 @@ KEY_LEVELS = 7  # the key copy of the scan score: integers -7..7 (4 bits, stored
 
 @dataclass
 class SliceSummaries:
-    """Per full slice: channel-wise key min/max (an upper bound of q.k), mean key, mean value, token count, and
-    for the ``scan`` score a 4-bit copy of its keys."""
+    """Per full slice: mean key, mean value and token count (for mediation), and what the slice score reads:
+    the channel-wise key min/max for ``bound`` (an upper bound of q.k), a 4-bit copy of the keys for ``scan``."""
 
-    kmin: torch.Tensor  # (B, H, N, D) float32
-    kmax: torch.Tensor
-    kmean: torch.Tensor
+    kmean: torch.Tensor  # (B, H, N, D) float32
     vmean: torch.Tensor
     count: torch.Tensor  # (B, 1, N) float32, real (non-padding) tokens in the slice
     log_count: torch.Tensor  # (B, 1, N) the pseudo-token logit bias of mediation
-    key_codes: torch.Tensor | None = None  # (B, H, N, L, D/2) uint8: two 4-bit key channels per byte
+    kmin: torch.Tensor | None = None  # (B, H, N, D) float32, ``bound`` only
+    kmax: torch.Tensor | None = None
+    key_codes: torch.Tensor | None = None  # (B, H, N, L, D/2) uint8, ``scan`` only: two 4-bit channels per byte
     key_scales: torch.Tensor | None = None  # (B, H, N, L) float32: key = scale * (code - 8)
 
     def score_keys(self, score: str, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -44,7 +44,11 @@ class SliceSummaries:
 
     @property
     def num_slices(self) -> int:
-        return self.kmin.shape[2]
+        return self.kmean.shape[2]
+
+    def serves(self, score: str) -> bool:
+        """Whether these summaries hold what ``score`` reads (and nothing another score would)."""
+        return (self.kmin is not None) == (score == "bound") and (self.key_codes is not None) == (score == "scan")
 
     def __post_init__(self) -> None:
         self.cache: dict[tuple, Any] = {}  # derived tensors, rebuilt whenever a slice is added
@@ -54,7 +58,7 @@ class SliceSummaries:
                                 for a, b in zip(self.fields(), other.fields())))
 
     def fields(self) -> tuple[torch.Tensor | None, ...]:
-        return self.kmin, self.kmax, self.kmean, self.vmean, self.count, self.log_count, self.key_codes, self.key_scales
+        return self.kmean, self.vmean, self.count, self.log_count, self.kmin, self.kmax, self.key_codes, self.key_scales
 
 
 def key_copy(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,51 +80,56 @@ def unpack_key_codes(codes: torch.Tensor) -> torch.Tensor:
 
 def summarize(
     k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, slice_len: int, start: int, end: int,
-    copy_keys: bool = False,
+    score: str = "scan",
 ) -> SliceSummaries:
-    """Summaries of slices ``start:end`` of (B, H, S, D) keys/values; ``valid`` (B, S) marks real tokens.
-    ``copy_keys`` adds the 4-bit key copy the ``scan`` score reads."""
+    """Summaries of slices ``start:end`` of (B, H, S, D) keys/values for the slice score ``score``; ``valid``
+    (B, S) marks real tokens."""
     B, H, _, D = k.shape
     n = end - start
     span = slice(start * slice_len, end * slice_len)
     kb = k[:, :, span].float().reshape(B, H, n, slice_len, D)  # (B, H, n, L, D)
     vb = v[:, :, span].float().reshape(B, H, n, slice_len, D)
-    copied = key_copy(kb) if copy_keys else (None, None)
-    if valid is None:
-        count = torch.full((B, 1, n), float(slice_len), device=k.device)
-        return SliceSummaries(kb.amin(3), kb.amax(3), kb.mean(3), vb.mean(3), count, count.log(), *copied)
-    keep = valid[:, span].reshape(B, 1, n, slice_len, 1)
-    count = keep.sum(3, dtype=torch.float32)  # (B, 1, n, 1)
-    empty = count == 0
-    kmin = kb.masked_fill(~keep, float("inf")).amin(3).masked_fill(empty, 0.0)
-    kmax = kb.masked_fill(~keep, float("-inf")).amax(3).masked_fill(empty, 0.0)
-    denom = count.clamp_min(1.0)
-    kmean = (kb * keep).sum(3) / denom
-    vmean = (vb * keep).sum(3) / denom
+    keep = None if valid is None else valid[:, span].reshape(B, 1, n, slice_len, 1)
+    if keep is None:
+        count = torch.full((B, 1, n, 1), float(slice_len), device=k.device)
+        kmean, vmean = kb.mean(3), vb.mean(3)
+    else:
+        count = keep.sum(3, dtype=torch.float32)  # (B, 1, n, 1)
+        kmean, vmean = (kb * keep).sum(3) / count.clamp_min(1.0), (vb * keep).sum(3) / count.clamp_min(1.0)
+    bounds = copied = (None, None)
+    if score == "bound":
+        if keep is None:
+            bounds = kb.amin(3), kb.amax(3)
+        else:
+            empty = count == 0
+            bounds = (kb.masked_fill(~keep, float("inf")).amin(3).masked_fill(empty, 0.0),
+                      kb.masked_fill(~keep, float("-inf")).amax(3).masked_fill(empty, 0.0))
+    elif score == "scan":
+        copied = key_copy(kb)
     count = count.squeeze(-1)
-    return SliceSummaries(kmin, kmax, kmean, vmean, count, count.log(), *copied)
+    return SliceSummaries(kmean, vmean, count, count.log(), *bounds, *copied)
 
 
 def update_summaries(
     state: dict[str, Any] | None, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, slice_len: int,
-    copy_keys: bool = False,
+    score: str = "scan",
 ) -> SliceSummaries:
     """Bring the summaries in ``state`` (a cache's ``layer_state``) up to date with the full slices of ``k``.
 
     Only slices that filled since the last call are summarised. Cropping or reordering the cache clears
-    ``layer_state``, which makes this rebuild from the keys.
+    ``layer_state``, which makes this rebuild from the keys; so does a change of ``score``.
     """
     full = k.shape[2] // slice_len
     summaries = state.get("ama_summaries") if state is not None else None
-    if summaries is not None and (summaries.kmin.shape[0] != k.shape[0] or summaries.num_slices > full
-                                  or (summaries.key_codes is not None) != copy_keys):
+    if summaries is not None and (summaries.kmean.shape[0] != k.shape[0] or summaries.num_slices > full
+                                  or not summaries.serves(score)):
         summaries = None
     done = 0 if summaries is None else summaries.num_slices
     if done < full:
-        new = summarize(k, v, valid, slice_len, done, full, copy_keys)
+        new = summarize(k, v, valid, slice_len, done, full, score)
         summaries = new if summaries is None else summaries.cat(new)
     elif summaries is None:
-        summaries = summarize(k, v, valid, slice_len, 0, 0, copy_keys)
+        summaries = summarize(k, v, valid, slice_len, 0, 0, score)
     if state is not None:
         state["ama_summaries"] = summaries
     return summaries

@@ -304,8 +304,9 @@ void laformer_ama_scan(const float *q, const uint8_t *key_codes, const float *ke
 enum { SCORE_BOUND, SCORE_MEAN, SCORE_SCAN };
 
 /* q (B, H, D); k, v (B, Hkv, S, D) with the given batch/head strides and rows of D contiguous floats;
- * valid (B, S) or NULL; kmin, kmax, kmean, vmean (B, Hkv, N, D) contiguous, N = S / L full slices;
- * log_count (B, N); key_codes (B, Hkv, N * L, D / 2) and key_scales (B, Hkv, N * L), or NULL unless scanning;
+ * valid (B, S) or NULL; kmean, vmean (B, Hkv, N, D) contiguous, N = S / L full slices; kmin, kmax the same
+ * shape, or NULL unless the score is SCORE_BOUND; log_count (B, N); key_codes (B, Hkv, N * L, D / 2) and
+ * key_scales (B, Hkv, N * L), or NULL unless it is SCORE_SCAN;
  * out (B, H, D). n_pick: slices attended besides the partial last one; score: a SCORE_ value. */
 void laformer_ama_decode(const float *q, const float *k, const float *v, int64_t k_sb, int64_t k_sh,
                          int64_t v_sb, int64_t v_sh, const uint8_t *valid, const float *kmin, const float *kmax,
@@ -357,13 +358,13 @@ void laformer_ama_decode(const float *q, const float *k, const float *v, int64_t
                           key_scales + ((int64_t)b * Hkv + h) * N * L, scanned, L, vb, work, mass);
             for (int i = 0; i < n_cand; i++) {
                 const int j = cands[i].index;
-                const float *lo = kmin + summary + (int64_t)j * D, *hi = kmax + summary + (int64_t)j * D;
                 float value = 0.0f;
                 if (score == SCORE_SCAN) {
                     value = mass[j];
                 } else if (score == SCORE_MEAN) {
                     value = dot(qsum, kmean + summary + (int64_t)j * D, D);
                 } else {
+                    const float *lo = kmin + summary + (int64_t)j * D, *hi = kmax + summary + (int64_t)j * D;
                     for (int d = 0; d < D; d++)
                         value += qsum[d] * (hi[d] + lo[d]) * 0.5f + qabs[d] * (hi[d] - lo[d]) * 0.5f;
                 }
