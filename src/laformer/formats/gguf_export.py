@@ -13,6 +13,7 @@ exported as ``q4_1`` keeps every tensor byte for byte; everything else is quanti
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -62,14 +63,15 @@ def save_gguf(model: torch.nn.Module, path: str | Path, type: str = "f16", token
     config = model.config
     tokenizer = tokenizer if tokenizer is not None else _checkpoint_tokenizer(model)
     vocab = tokenizer_metadata(tokenizer, config.vocab_size, config.eos_token_ids)
+    sizes = _sizes(model)
     sources = _source_blocks(model)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         writer = GGUFWriter(temporary, "llama")
-        _write_hyperparameters(writer, model, qtype, name or _model_name(model))
+        _write_hyperparameters(writer, model, qtype, name or _model_name(model), sizes)
         for key, value in vocab.items():
             _add_metadata(writer, key, value)
-        for gguf_name, data, raw_type in _tensors(model, qtype, sources):
+        for gguf_name, data, raw_type in _tensors(model, qtype, sources, sizes):
             writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -135,37 +137,41 @@ def _model_name(model: torch.nn.Module) -> str:
 # Metadata
 
 
-def _layer_sizes(model: torch.nn.Module) -> tuple[list[int], list[int], list[int]]:
-    layers = model.decoder.layers
-    return ([layer.mlp.gate_proj.out_features for layer in layers],
-            [layer.self_attn.num_heads for layer in layers],
-            [layer.self_attn.num_kv_heads for layer in layers])
+@dataclass(frozen=True)
+class _Sizes:
+    """The layer sizes written to the file: the largest of any layer (llama.cpp sizes every layer alike)."""
+
+    ffn: int
+    kv_heads: int
+    group: int  # query heads per key/value head
+
+    @property
+    def heads(self) -> int:
+        return self.kv_heads * self.group
 
 
-def _per_layer(values: list[int]) -> int | list[int]:
-    """A single value when all layers agree (what every reader expects), else llama.cpp's per-layer array."""
-    return values[0] if len(set(values)) == 1 else values
+def _sizes(model: torch.nn.Module) -> _Sizes:
+    attention = [layer.self_attn for layer in model.decoder.layers]
+    groups = {a.num_heads // a.num_kv_heads for a in attention}
+    if len(groups) > 1:
+        raise ConfigError(f"the layers share their key/value heads among {sorted(groups)} query heads; GGUF's "
+                          "llama architecture needs one grouping for all layers (prune whole groups: prune_heads)")
+    return _Sizes(ffn=max(layer.mlp.gate_proj.out_features for layer in model.decoder.layers),
+                  kv_heads=max(a.num_kv_heads for a in attention), group=groups.pop())
 
 
 def _write_hyperparameters(writer: GGUFWriter, model: torch.nn.Module, qtype: GGMLQuantizationType,
-                           name: str) -> None:
+                           name: str, sizes: _Sizes) -> None:
     config = model.config
-    ffn, heads, kv_heads = _layer_sizes(model)
-    if len(set(heads)) > 1 or len(set(kv_heads)) > 1:
-        raise ConfigError(
-            "this model has a different number of attention heads per layer (prune_heads); llama.cpp's llama "
-            "architecture sizes every layer's attention from layer 0, so it cannot load it. Export the model "
-            "before head pruning, or prune only FFN channels (prune_ffn), whose per-layer sizes llama.cpp reads"
-        )
     writer.add_name(name)
     writer.add_file_type(_FILE_TYPES[qtype])
     writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(_per_layer(ffn))
-    writer.add_head_count(heads[0])
-    writer.add_head_count_kv(kv_heads[0])
+    writer.add_feed_forward_length(sizes.ffn)
+    writer.add_head_count(sizes.heads)
+    writer.add_head_count_kv(sizes.kv_heads)
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
@@ -199,27 +205,55 @@ def _add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
 # Tensors
 
 
-def _tensors(model: torch.nn.Module, qtype: GGMLQuantizationType,
-             sources: dict[str, Any]) -> Iterator[tuple[str, np.ndarray, GGMLQuantizationType | None]]:
+def _tensors(model: torch.nn.Module, qtype: GGMLQuantizationType, sources: dict[str, Any],
+             sizes: _Sizes) -> Iterator[tuple[str, np.ndarray, GGMLQuantizationType | None]]:
     """(llama.cpp name, data, raw type) for every tensor, in llama.cpp's order."""
     config, decoder = model.config, model.decoder
     wide = qtype if qtype in (T.F32, T.F16, T.BF16, T.Q8_0) else _EMBEDDING_FLOOR
     yield ("token_embd.weight", *_encode(decoder.embed_tokens, wide, sources.get("model.embed_tokens.weight")))
     if config.rope_scaling and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) == "llama3":
         yield "rope_freqs.weight", _rope_divisors(config), None
+    q_rows, kv_rows = sizes.heads * config.head_dim, sizes.kv_heads * config.head_dim
+    padded = {"attn_q": (q_rows, None), "attn_k": (kv_rows, None), "attn_v": (kv_rows, None),
+              "attn_output": (None, q_rows), "ffn_gate": (sizes.ffn, None), "ffn_up": (sizes.ffn, None),
+              "ffn_down": (None, sizes.ffn)}
     for i, layer in enumerate(decoder.layers):
         yield f"blk.{i}.attn_norm.weight", _float32(layer.input_layernorm.weight), None
         for hf_name, gguf_name in _LAYER_NAMES.items():
-            module = layer.get_submodule(hf_name)
-            data, raw_type = _encode(module, qtype, sources.get(f"model.layers.{i}.{hf_name}.weight"))
+            data, raw_type = _encode(layer.get_submodule(hf_name), qtype,
+                                     sources.get(f"model.layers.{i}.{hf_name}.weight"))
+            data = _pad(data, raw_type, *padded[gguf_name], f"blk.{i}.{gguf_name}")
             if gguf_name in ("attn_q", "attn_k"):
-                heads = layer.self_attn.num_heads if gguf_name == "attn_q" else layer.self_attn.num_kv_heads
-                data = _permute_rows(data, heads)
+                data = _permute_rows(data, sizes.heads if gguf_name == "attn_q" else sizes.kv_heads)
             yield f"blk.{i}.{gguf_name}.weight", data, raw_type
         yield f"blk.{i}.ffn_norm.weight", _float32(layer.post_attention_layernorm.weight), None
     yield "output_norm.weight", _float32(decoder.norm.weight), None
     if not config.tie_word_embeddings:
         yield ("output.weight", *_encode(model.lm_head, wide, sources.get("lm_head.weight")))
+
+
+def _pad(data: np.ndarray, raw_type: GGMLQuantizationType | None, rows: int | None, cols: int | None,
+         name: str) -> np.ndarray:
+    """Zero rows (FFN channels, heads) or columns appended up to the file's layer size.
+
+    A pruned layer padded with zero channels computes exactly what it did: silu(0) * 0 = 0 for an FFN channel,
+    and a head whose value rows and output columns are zero adds nothing. Zero bytes are zero values in every ggml
+    type, so raw blocks are padded without decoding them.
+    """
+    if rows is not None and rows > data.shape[0]:
+        data = np.concatenate([data, np.zeros((rows - data.shape[0], data.shape[1]), data.dtype)])
+    if cols is None:
+        return data
+    block_size, type_size = GGML_QUANT_SIZES[raw_type] if raw_type is not None else (1, 1)
+    have = data.shape[1] // type_size * block_size
+    if cols > have:
+        if (cols - have) % block_size:
+            raise ConfigError(f"{name} must be padded from {have} to {cols} inputs for llama.cpp (which sizes every "
+                              f"layer alike), not a whole number of {raw_type.name} blocks of {block_size}; prune "
+                              "with multiple_of=32, or export as f16/f32")
+        extra = (cols - have) // block_size * type_size
+        data = np.concatenate([data, np.zeros((data.shape[0], extra), data.dtype)], axis=1)
+    return data
 
 
 def _float32(tensor: torch.Tensor) -> np.ndarray:
