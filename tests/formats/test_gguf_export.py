@@ -84,3 +84,25 @@ def test_llama_cpp_matches_default_model(tmp_path, default_model, default_tokeni
         assert np.abs(theirs - ours).mean() < 0.02
     else:
         assert abs(np.exp(-theirs.mean()) / np.exp(-ours.mean()) - 1) < 0.01
+
+
+def test_llama_cpp_follows_merged_lora(tmp_path, default_tokenizer):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (it builds from source)")
+    from laformer.peft import LoraConfig, get_peft_model, merge_and_unload
+
+    base = tiny()
+    ids = default_tokenizer.encode(TEXT)
+    before = log_probs(base, ids)
+    tuned = get_peft_model(tiny(), LoraConfig(r=4, target_modules="all-linear"))
+    torch.manual_seed(1)
+    for name, p in tuned.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.3)  # stands in for a fine-tune: a large, known update
+    tuned = merge_and_unload(tuned)
+    after = log_probs(tuned, ids)
+    path = tuned.save_gguf(tmp_path / "lora.gguf", type="f32", tokenizer=default_tokenizer)
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, verbose=False, n_threads=2)
+    llm.eval(ids)
+    scores = torch.from_numpy(np.array(llm.scores[:len(ids)])).float().log_softmax(-1)
+    theirs = scores[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
+    assert np.abs(theirs - after).mean() < 0.02 < np.abs(theirs - before).mean()
