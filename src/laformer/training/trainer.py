@@ -145,7 +145,7 @@ class Trainer:
         )
 
     def _metric_setup(self) -> tuple[str, bool]:
-        metric = self.args.metric_for_best_model or ("accuracy" if self.label_names else "loss")
+        metric = self.args.metric_for_best_model or ("macro_f1" if self.label_names else "loss")
         greater = self.args.greater_is_better
         return metric, (metric != "loss" if greater is None else greater)
 
@@ -166,6 +166,7 @@ class Trainer:
         total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
         warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
         metric_name, greater = self._metric_setup()
+        eval_every = args.eval_steps or (max(1, steps_per_epoch // args.evals_per_epoch) if args.evals_per_epoch > 1 else None)
         if hasattr(self.hooks, "set_total_step") and getattr(self.hooks.config, "total_step", 0) is None:
             self.hooks.set_total_step(total_steps)
 
@@ -212,7 +213,7 @@ class Trainer:
                         log_loss, log_count, log_tokens, log_start = 0.0, 0, 0, time.perf_counter()
                     end_of_epoch = state["group_in_epoch"] == len(groups)
                     if self.eval_dataset is not None and (
-                        (args.eval_steps and step % args.eval_steps == 0)
+                        (eval_every and step % eval_every == 0)
                         or (not args.eval_steps and end_of_epoch) or step == total_steps
                     ):
                         self._evaluate_and_track(state, schedule, reporter, metric_name, greater)
