@@ -57,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="evaluations without improvement before stopping (default: the preset's; 0: off)")
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    train.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp",
+                       help="under torchrun: ddp (a model copy per process) or fsdp (FSDP2, parameters sharded)")
     train.add_argument("--report-to", nargs="*", default=["tensorboard"], choices=("tensorboard", "wandb"))
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     peft = parser.add_argument_group("PEFT")
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "gradient_checkpointing": args.gradient_checkpointing, "dropout": args.dropout, "fgm_epsilon": args.fgm,
         "save_steps": args.save_steps, "seed": args.seed, "report_to": args.report_to,
         "progress_bar": not args.no_progress, "bucket_by_length": args.bucket or None,
+        "distributed": args.distributed,
     }
     overrides = {k: v for k, v in flags.items() if v is not None}
     if args.early_stopping is not None:

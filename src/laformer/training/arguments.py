@@ -44,6 +44,7 @@ class TrainingArguments:
     greater_is_better: bool | None = None
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     load_best_model_at_end: bool = True
+    distributed: str = "ddp"  # under torchrun: "ddp" (a copy per process) or "fsdp" (FSDP2, parameters sharded)
     seed: int = 42
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress_bar: bool = True
@@ -61,6 +62,7 @@ class TrainingArguments:
             (0 < self.plateau_factor < 1, "plateau_factor must be in (0, 1)"),
             (self.fgm_epsilon >= 0, "fgm_epsilon must be >= 0"),
             (self.evals_per_epoch >= 1, "evals_per_epoch must be at least 1"),
+            (self.distributed in ("ddp", "fsdp"), f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}"),
             (set(self.report_to) <= set(REPORTERS), f"report_to accepts {REPORTERS}, got {self.report_to}"),
         ]
         for ok, message in checks:
