@@ -1,0 +1,18 @@
+import importlib.util
+import json
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "financial_monitor" / "monitor.py"
+
+
+def test_monitor_end_to_end(shared_data, small_model_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("monitor", EXAMPLE)
+    monitor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(monitor)
+    out = tmp_path / "fm"
+    monitor.main(["run", "--data", str(shared_data / "financial_phrasebank"), "--model", str(small_model_dir),
+                  "--output", str(out), "--steps", "60", "--lr", "5e-3"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["burst_replay"]["recall"] > 0  # the no-alert baseline finds no burst
+    assert report["neutral_replay"]["alerts"] == 0
+    assert (out / "burst_replay.png").stat().st_size > 0
