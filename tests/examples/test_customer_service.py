@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "customer_service" / "assistant.py"
@@ -8,6 +9,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "customer_service" 
 def load_example():
     spec = importlib.util.spec_from_file_location("assistant", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
