@@ -1,0 +1,16 @@
+"""A 4-layer cut of the default model (its first layers and real embeddings), saved once: fast enough to fine-tune
+in a test, and still a real tokenizer and chat template."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory, default_gguf_path):
+    from laformer import LaFormerForCausalLM, LaFormerTokenizer
+
+    folder = tmp_path_factory.mktemp("small_model")
+    LaFormerForCausalLM.from_pretrained(default_gguf_path, num_hidden_layers=4).save_pretrained(folder)
+    LaFormerTokenizer.from_pretrained(default_gguf_path).save_pretrained(folder)
+    return folder
