@@ -44,7 +44,10 @@ def finetune(base, data, out, *extra) -> int:
 @pytest.mark.parametrize("method, lr", [("lora", "2e-2"), ("full", "5e-3")])
 def test_finetune_then_classify_and_evaluate(base, data, tmp_path, capsys, method, lr):
     out = tmp_path / method
-    assert finetune(base, data, out, "--method", method, "--lr", lr, "--lora-r", "4", "--eval-steps", "12", "--max-steps", "36") == 0
+    # q/v only: this high learning rate suits two adapted projections, not the all-linear default.
+    targets = ["--target-modules", "q_proj", "v_proj"] if method == "lora" else []
+    assert finetune(base, data, out, "--method", method, "--lr", lr, "--lora-r", "4", "--eval-steps", "12",
+                    "--max-steps", "36", *targets) == 0
     for name in ("laformer_finetune.json", "tokenizer.json", "metrics.json", "confusion_matrix.png", "training_curves.png"):
         assert (out / name).is_file(), name
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
