@@ -426,7 +426,7 @@ def test_gather_slices_reads_the_same_blocks_from_any_layout():
     sel = torch.randint(0, 4, (2, 3, 2))
     blocks = k[:, :, :32].unflatten(2, (4, 8))
     expected = blocks[torch.arange(2)[:, None, None], torch.arange(3)[None, :, None], sel]
-    sliced, _ = SlicedKVCache(1, slice_len=8).update(0, k, k)
+    sliced, _ = SlicedKVCache(1, slice_len=8).update(k, k, 0)
     for x in (k, k[:, :, :37], sliced):  # whole-slice layout, per-row fallback, a sliced cache's view
         torch.testing.assert_close(gather_slices((x,), sel, 8)[0], expected)
 
