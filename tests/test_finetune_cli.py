@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from _training_helpers import tiny_causal_lm, tiny_tokenizer, write_jsonl, write_sentiment_jsonl
+from _training_helpers import save_tiny_base, write_jsonl, write_sentiment_jsonl
 
 from laformer.cli import main
 from laformer.errors import LaFormerError
 from laformer.tasks import load_finetuned
-from laformer.tokenizer import LaFormerTokenizer
 
 FAST = ["--no-progress", "--report-to", "--threads", "1"]
 
@@ -20,11 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny causal LM saved as a Hugging Face folder with its tokenizer: what --model points at."""
-    folder = tmp_path_factory.mktemp("base")
-    tiny_causal_lm().save_pretrained(folder)
-    LaFormerTokenizer(tiny_tokenizer(), unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
-    return folder
+    return save_tiny_base(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,11 @@ the same weights and validation metrics as 1 process with the same global batch,
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from _training_helpers import sentiment_examples, tiny_classifier, tiny_tokenizer
+from _training_helpers import run_two_processes, sentiment_examples, tiny_classifier, tiny_tokenizer
 
 from laformer.errors import TrainingError
 from laformer.peft import LoraConfig, get_peft_model
@@ -53,15 +49,7 @@ def train(output_dir: str, per_process_batch: int, distributed: str = "ddp"):
 
 
 def test_two_process_fsdp_equals_single_process(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    tests = str(Path(__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(script), str(tmp_path / "fsdp")]
-    (tmp_path / "fsdp").mkdir()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_processes(WORKER, tmp_path / "fsdp")
     sharded = torch.load(tmp_path / "fsdp" / "weights.pt")
 
     threads = torch.get_num_threads()

@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-from _training_helpers import sentiment_examples, tiny_causal_lm, tiny_classifier, tiny_tokenizer, write_sentiment_jsonl
+from _training_helpers import save_tiny_base, sentiment_examples, tiny_classifier, tiny_tokenizer, write_sentiment_jsonl
 
 from laformer.cli import main
 from laformer.errors import TrainingError
 from laformer.peft import LoraConfig, get_peft_model
-from laformer.tokenizer import LaFormerTokenizer
 from laformer.training import ClassificationDataset, Trainer, build_label_map
 from laformer.training.recipes import PRESETS, choose_max_length, classification_arguments, get_preset, lora_options
 from laformer.training.schedules import LRSchedule
@@ -110,10 +109,7 @@ def test_best_checkpoint_is_the_one_kept(tmp_path):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    tiny_causal_lm().save_pretrained(folder)
-    LaFormerTokenizer(tiny_tokenizer(), unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
-    return folder
+    return save_tiny_base(tmp_path_factory.mktemp("base"))
 
 
 def test_default_recipe_learns_a_separable_task_with_no_flags(base, tmp_path):
