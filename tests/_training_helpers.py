@@ -76,9 +76,10 @@ def run_two_processes(worker_source: str, out: Path) -> None:
 
     out.mkdir()
     script = out.parent / f"{out.name}_worker.py"
-    script.write_text(worker_source)
     tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    script.write_text(f"import sys\nsys.path.append({tests!r})  # after site-packages: tests/peft must not hide peft\n"
+                      + worker_source)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# tests/ is a package (tests/peft/ would otherwise shadow Hugging Face's ``peft``); its folder goes at the END of
+# sys.path so ``from _training_helpers import ...`` works without hiding any installed package.
+TESTS = str(Path(__file__).resolve().parent)
+if TESTS not in sys.path:
+    sys.path.append(TESTS)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
