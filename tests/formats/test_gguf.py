@@ -82,12 +82,9 @@ def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def tiny_config(**overrides) -> LaFormerConfig:
-    values = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    values.update(overrides)
-    return LaFormerConfig(**values)
+# vocab, widths and metadata as in a small llama.cpp conversion (hidden 64: two Q8_0/Q4_1 blocks per row)
+GGUF_TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def llama_cpp_tensors(model: LaFormerForCausalLM) -> dict[str, torch.Tensor]:
@@ -111,60 +108,29 @@ def llama_cpp_tensors(model: LaFormerForCausalLM) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_gguf(
-    path: Path,
-    config: LaFormerConfig,
-    tensors: dict[str, torch.Tensor | np.ndarray],
-    qtype: Q = Q.F32,
-    arch: str = "llama",
-    extra_kv=None,
-    raw: dict[str, tuple[np.ndarray, Q]] | None = None,
-) -> Path:
-    """A GGUF the way llama.cpp writes one: matrices in ``qtype``, vectors in F32."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
-    writer.add_pad_token_id(config.pad_token_id)
-    for key, value in (extra_kv or {}).items():
-        getattr(writer, key)(value)
-    for name, tensor in tensors.items():
-        array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor
-        if array.ndim == 2 and qtype != Q.F32:
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, array.astype(np.float32))
-    for name, (data, data_type) in (raw or {}).items():
-        writer.add_tensor(name, data, raw_dtype=data_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+def llama_metadata(config: LaFormerConfig, **extra) -> dict:
+    """The ``llama.*`` and tokenizer keys convert_hf_to_gguf.py writes for ``config`` (``write_gguf``'s metadata)."""
+    return dict(context_length=config.max_position_embeddings, embedding_length=config.hidden_size,
+                block_count=config.num_hidden_layers, feed_forward_length=config.intermediate_size,
+                head_count=config.num_attention_heads, head_count_kv=config.num_key_value_heads,
+                layer_norm_rms_eps=config.rms_norm_eps, rope_freq_base=config.rope_theta,
+                rope_dimension_count=config.head_dim, tokenizer_model="gpt2",
+                token_list=[f"t{i}" for i in range(config.vocab_size)], bos_token_id=config.bos_token_id,
+                eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, **extra)
 
 
 @pytest.fixture(scope="module")
-def tiny_model() -> LaFormerForCausalLM:
-    return LaFormerForCausalLM.from_config(tiny_config(), seed=0).eval()
+def model(tiny_model) -> LaFormerForCausalLM:
+    return tiny_model(**GGUF_TINY)
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
+def tiny_gguf(model, write_gguf, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
-    return write_gguf(path, tiny_model.config, llama_cpp_tensors(tiny_model))
+    return write_gguf(path, llama_metadata(model.config), llama_cpp_tensors(model))
 
 
-def test_f32_gguf_round_trips_weights_and_logits(tiny_model, tiny_gguf):
+def test_f32_gguf_round_trips_weights_and_logits(model, tiny_gguf):
     assert is_gguf(tiny_gguf)
     checkpoint = load_checkpoint(tiny_gguf)
     assert checkpoint.format == "gguf"
@@ -172,23 +138,23 @@ def test_f32_gguf_round_trips_weights_and_logits(tiny_model, tiny_gguf):
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
                   "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "rope_scaling"):
-        assert getattr(config, field) == getattr(tiny_model.config, field), field
-    expected = tiny_model.state_dict()
+        assert getattr(config, field) == getattr(model.config, field), field
+    expected = model.state_dict()
     assert set(checkpoint.state_dict) == set(expected)
     for name, tensor in checkpoint.state_dict.items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
     loaded = LaFormerForCausalLM.from_pretrained(tiny_gguf)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, tiny_model(ids).logits, rtol=0, atol=1e-6)
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
 
 
-def test_quantized_gguf_matches_reference_dequantization(tiny_model, tmp_path):
-    tensors = llama_cpp_tensors(tiny_model)
-    path = write_gguf(tmp_path / "tiny-q8.gguf", tiny_model.config, tensors, qtype=Q.Q8_0)
-    reference = LaFormerForCausalLM.from_config(tiny_model.config).eval()
+def test_quantized_gguf_matches_reference_dequantization(model, tmp_path, write_gguf):
+    tensors = llama_cpp_tensors(model)
+    path = write_gguf(tmp_path / "tiny-q8.gguf", llama_metadata(model.config), tensors, qtype=Q.Q8_0)
+    reference = LaFormerForCausalLM.from_config(model.config).eval()
     state = {}
-    for name, w in tiny_model.state_dict().items():  # what llama.cpp would compute: quantize, dequantize
+    for name, w in model.state_dict().items():  # what llama.cpp would compute: quantize, dequantize
         if w.ndim == 2:
             w = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), Q.Q8_0), Q.Q8_0))
         state[name] = w
@@ -205,21 +171,21 @@ def test_quantized_gguf_matches_reference_dequantization(tiny_model, tmp_path):
         torch.testing.assert_close(bf16(ids).logits.float(), reference(ids).logits, rtol=0, atol=0.05)
 
 
-def test_raw_tensors_are_unpermuted_blocks(tiny_model, tmp_path):
-    path = write_gguf(tmp_path / "tiny-q4.gguf", tiny_model.config, llama_cpp_tensors(tiny_model), qtype=Q.Q4_1)
+def test_raw_tensors_are_unpermuted_blocks(model, tmp_path, write_gguf):
+    path = write_gguf(tmp_path / "tiny-q4.gguf", llama_metadata(model.config), llama_cpp_tensors(model), Q.Q4_1)
     tensors = read_gguf_tensors(path)
     info = tensors["model.layers.1.self_attn.k_proj.weight"]
     assert (info.gguf_name, info.type_name, info.shape) == ("blk.1.attn_k.weight", "Q4_1", (32, 64))
-    hf_weight = tiny_model.state_dict()["model.layers.1.self_attn.k_proj.weight"].numpy()
+    hf_weight = model.state_dict()["model.layers.1.self_attn.k_proj.weight"].numpy()
     # Quantization is row-wise, so un-permuting the stored rows gives the blocks of the Hugging Face weight.
     np.testing.assert_array_equal(info.data, gguf.quants.quantize(hf_weight, Q.Q4_1))
     assert info.data.dtype == np.uint8 and info.data.shape == (32, 64 // 32 * 20)
     assert tensors["model.layers.1.mlp.up_proj.weight"].row_order is None
 
 
-def test_tied_and_untied_output(tmp_path):
-    untied = LaFormerForCausalLM.from_config(tiny_config(tie_word_embeddings=False), seed=1).eval()
-    path = write_gguf(tmp_path / "untied.gguf", untied.config, llama_cpp_tensors(untied))
+def test_tied_and_untied_output(tmp_path, write_gguf, tiny_model):
+    untied = tiny_model(seed=1, **GGUF_TINY | dict(tie_word_embeddings=False))
+    path = write_gguf(tmp_path / "untied.gguf", llama_metadata(untied.config), llama_cpp_tensors(untied))
     config, tensors = read_gguf(path)
     assert config.tie_word_embeddings is False and "lm_head.weight" in tensors
     loaded = LaFormerForCausalLM.from_pretrained(path)
@@ -274,21 +240,22 @@ def test_llama3_scaling_rebuilt_from_rope_freqs(theta, dim, scaling):
     assert rebuilt["factor"] == scaling["factor"]
 
 
-def test_rope_freqs_tensor_and_linear_scaling_in_files(tmp_path):
-    config = tiny_config(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+def test_rope_freqs_tensor_and_linear_scaling_in_files(tmp_path, write_gguf, tiny_config):
+    config = tiny_config(**GGUF_TINY | dict(hidden_size=128))
     model = LaFormerForCausalLM.from_config(config, seed=2)
     scaling = {**LLAMA31, "original_max_position_embeddings": 64, "high_freq_factor": 2.0}
     factors = llama_cpp_rope_factors(10000.0, 32, scaling).numpy()
-    path = write_gguf(tmp_path / "llama3.gguf", config, {**llama_cpp_tensors(model), "rope_freqs.weight": factors})
+    tensors = {**llama_cpp_tensors(model), "rope_freqs.weight": factors}
+    path = write_gguf(tmp_path / "llama3.gguf", llama_metadata(config), tensors)
     loaded = read_gguf(path)[0]
     assert loaded.rope_scaling["rope_type"] == "llama3"
-    torch.testing.assert_close(rope_inverse_frequencies(loaded),
-                               rope_inverse_frequencies(tiny_config(hidden_size=128, rope_scaling=scaling)))
-    path = write_gguf(tmp_path / "linear.gguf", config, llama_cpp_tensors(model),
-                      extra_kv={"add_rope_scaling_type": gguf.RopeScalingType.LINEAR, "add_rope_scaling_factor": 4.0})
+    expected = tiny_config(**GGUF_TINY | dict(hidden_size=128, rope_scaling=scaling))
+    torch.testing.assert_close(rope_inverse_frequencies(loaded), rope_inverse_frequencies(expected))
+    linear = llama_metadata(config, rope_scaling_type=gguf.RopeScalingType.LINEAR, rope_scaling_factor=4.0)
+    path = write_gguf(tmp_path / "linear.gguf", linear, llama_cpp_tensors(model))
     assert read_gguf(path)[0].rope_scaling == {"rope_type": "linear", "factor": 4.0}
-    path = write_gguf(tmp_path / "yarn.gguf", config, llama_cpp_tensors(model),
-                      extra_kv={"add_rope_scaling_type": gguf.RopeScalingType.YARN, "add_rope_scaling_factor": 4.0})
+    yarn = llama_metadata(config, rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=4.0)
+    path = write_gguf(tmp_path / "yarn.gguf", yarn, llama_cpp_tensors(model))
     with pytest.raises(CheckpointError, match="rope scaling 'yarn'"):
         read_gguf(path)
 
@@ -322,37 +289,37 @@ def test_truncated_file(tiny_gguf, tmp_path, keep):
         load_gguf(path)
 
 
-def test_unsupported_architecture(tiny_model, tmp_path):
-    path = write_gguf(tmp_path / "gpt2.gguf", tiny_model.config, llama_cpp_tensors(tiny_model), arch="gpt2")
+def test_unsupported_architecture(model, tmp_path, write_gguf):
+    path = write_gguf(tmp_path / "gpt2.gguf", llama_metadata(model.config), llama_cpp_tensors(model), arch="gpt2")
     with pytest.raises(CheckpointError, match="'gpt2' model"):
         load_gguf(path)
 
 
-def test_unsupported_quant_type(tiny_model, tmp_path):
-    tensors = llama_cpp_tensors(tiny_model)
+def test_unsupported_quant_type(model, tmp_path, write_gguf):
+    tensors = llama_cpp_tensors(model)
     del tensors["blk.0.ffn_up.weight"]
     q8_1 = np.zeros((128, 64 // 32 * GGML_QUANT_SIZES[Q.Q8_1][1]), dtype=np.uint8)
-    path = write_gguf(tmp_path / "q8_1.gguf", tiny_model.config, tensors,
+    path = write_gguf(tmp_path / "q8_1.gguf", llama_metadata(model.config), tensors,
                       raw={"blk.0.ffn_up.weight": (q8_1, Q.Q8_1)})
     with pytest.raises(CheckpointError, match=r"'blk\.0\.ffn_up\.weight'.*Q8_1"):
         load_gguf(path)
 
 
-def test_unexpected_and_missing_tensors(tiny_model, tmp_path):
-    tensors = llama_cpp_tensors(tiny_model)
+def test_unexpected_and_missing_tensors(model, tmp_path, write_gguf):
+    tensors = llama_cpp_tensors(model)
     bias = {"blk.0.attn_q.bias": np.zeros(64, np.float32)}
-    path = write_gguf(tmp_path / "bias.gguf", tiny_model.config, {**tensors, **bias})
+    path = write_gguf(tmp_path / "bias.gguf", llama_metadata(model.config), {**tensors, **bias})
     with pytest.raises(CheckpointError, match=r"'blk\.0\.attn_q\.bias'"):
         load_gguf(path)
     del tensors["blk.1.ffn_down.weight"]
-    path = write_gguf(tmp_path / "missing.gguf", tiny_model.config, tensors)
+    path = write_gguf(tmp_path / "missing.gguf", llama_metadata(model.config), tensors)
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
         LaFormerForCausalLM.from_pretrained(path)
 
 
-def test_metadata_that_does_not_match_weights(tiny_model, tmp_path):
-    tensors = llama_cpp_tensors(tiny_model)
-    config = tiny_config(intermediate_size=96)
-    path = write_gguf(tmp_path / "mismatch.gguf", config, tensors)
+def test_metadata_that_does_not_match_weights(model, tmp_path, write_gguf, tiny_config):
+    tensors = llama_cpp_tensors(model)
+    config = tiny_config(**GGUF_TINY | dict(intermediate_size=96))
+    path = write_gguf(tmp_path / "mismatch.gguf", llama_metadata(config), tensors)
     with pytest.raises(CheckpointError, match=r"gate_proj\.weight.*shape"):
         LaFormerForCausalLM.from_pretrained(path)

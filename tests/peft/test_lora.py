@@ -29,6 +29,7 @@ from laformer.peft import (
     unload,
     unmerge_adapter,
 )
+from laformer.quantization import QuantizedLinear, quantize_model, set_int8_activations
 
 TOKENS = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8], [9, 7, 9, 3, 2, 38, 4, 6]])
 
@@ -215,14 +216,13 @@ def test_lora_trains_over_a_quantized_base():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_qlora_on_laformer_quantized_model(mode):
-    quantization = pytest.importorskip("laformer.quantization")
     model = tiny_model()
-    quantization.quantize_model(model, mode, group_size=32)
+    quantize_model(model, mode, group_size=32)
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
-    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, quantization.QuantizedLinear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, QuantizedLinear)
     train_steps(model, steps=2)
     assert model.model.layers[0].self_attn.q_proj.lora_B.weight.abs().sum() > 0
-    quantization.set_int8_activations(model, False)  # the per-channel int8 head would round its activations
+    set_int8_activations(model, False)  # the per-channel int8 head would round its activations
     with torch.no_grad():
         adapted = model(TOKENS).logits
         merged = merge_and_unload(model)  # dequantized + merged: a float model with the same function

@@ -9,6 +9,7 @@ import torch
 from _training_helpers import sentiment_examples, tiny_causal_lm, tiny_classifier, tiny_tokenizer
 
 from laformer.errors import TrainingError
+from laformer.peft import AdaLoraConfig, LoraConfig, get_peft_model, peft_training_hooks
 from laformer.training import ClassificationDataset, InstructionDataset, Trainer, TrainingArguments, build_label_map
 from laformer.training.schedules import LRSchedule, build_optimizer
 
@@ -187,16 +188,22 @@ def test_bad_arguments_and_data(tmp_path):
 
 
 def test_peft_lora_training_and_hooks(tmp_path):
-    peft = pytest.importorskip("laformer.peft")
-    model = peft.get_peft_model(tiny_classifier(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(tiny_classifier(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    Trainer(model, args(tmp_path, max_steps=4), sentiment_dataset(16), hooks=peft.peft_training_hooks(model)).train()
+    before = trainable(model)
+    Trainer(model, args(tmp_path, max_steps=4), sentiment_dataset(16), hooks=peft_training_hooks(model)).train()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, before[n]) for n, p in trainable(model).items() if "lora_B" in n)
 
-    adalora = peft.get_peft_model(tiny_classifier(), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=6,
-                                                                         target_modules=["q_proj", "v_proj"]))
-    hooks = peft.peft_training_hooks(adalora)
+    adalora = get_peft_model(tiny_classifier(), AdaLoraConfig(init_r=4, target_r=2, total_step=6,
+                                                              target_modules=["q_proj", "v_proj"]))
+    hooks = peft_training_hooks(adalora)
+    layers = len(hooks.current_ranks())  # 2 layers x (q_proj, v_proj)
+    assert sum(hooks.current_ranks().values()) == 4 * layers
     Trainer(adalora, args(tmp_path / "ada", max_steps=6), sentiment_dataset(16), hooks=hooks).train()
+    # the trainer called the hooks: the final step cut the budget from init_r to target_r per layer on average
+    assert sum(hooks.current_ranks().values()) == 2 * layers
+    assert adalora.peft_config.rank_pattern == hooks.rank_pattern and len(hooks.rank_pattern) == layers
 
 
 def test_classifier_padding_tail_changes_nothing():
@@ -216,13 +223,12 @@ def test_classifier_padding_tail_changes_nothing():
 
 def test_adalora_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     """AdaLoRA's importance scores and rank masks live in the hooks: a resume must restore them too."""
-    peft = pytest.importorskip("laformer.peft")
 
     def run(folder, resume=False):
-        model = peft.get_peft_model(tiny_classifier(seed=1), peft.AdaLoraConfig(
+        model = get_peft_model(tiny_classifier(seed=1), AdaLoraConfig(
             init_r=6, target_r=1, tinit=0, tfinal=0, deltaT=1, beta1=0.3, beta2=0.3, total_step=6,
             target_modules=["q_proj", "v_proj"]))
-        hooks = peft.peft_training_hooks(model)
+        hooks = peft_training_hooks(model)
         Trainer(model, args(folder, max_steps=6, save_steps=2), sentiment_dataset(20), hooks=hooks).train(
             resume_from=resume)
         return trainable(model)
