@@ -1,4 +1,5 @@
-"""Parity with Hugging Face's reference LLaMA on random small configurations, and model-level behaviour."""
+"""Parity with Hugging Face's reference LLaMA on random small configurations, and model-level behaviour (which
+needs no ``transformers``: those tests build laformer's own models)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ from laformer import (
     LaFormerForSequenceClassification,
     LaFormerModel,
 )
-
-transformers = pytest.importorskip("transformers")
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -41,7 +40,20 @@ CONFIGS = {
 }
 
 
-def hf_reference(tmp_path, kwargs, cls_name="LlamaForCausalLM", **extra):
+@pytest.fixture
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+def ours(name: str, model_class: type = LaFormerForCausalLM, folder=None):
+    """A random laformer model of ``CONFIGS[name]`` (saved to ``folder`` when given)."""
+    model = model_class.from_config(LaFormerConfig(max_position_embeddings=128, **CONFIGS[name]), seed=0).eval()
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model
+
+
+def hf_reference(transformers, tmp_path, kwargs, cls_name="LlamaForCausalLM", **extra):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(max_position_embeddings=128, **kwargs, **extra)
     model = getattr(transformers, cls_name)(config).eval()
@@ -59,8 +71,8 @@ def padded_batch(vocab_size: int):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_causal_lm_logits_match_transformers(tmp_path, name):
-    hf = hf_reference(tmp_path, CONFIGS[name])
+def test_causal_lm_logits_match_transformers(transformers, tmp_path, name):
+    hf = hf_reference(transformers, tmp_path, CONFIGS[name])
     ours = LaFormerForCausalLM.from_pretrained(tmp_path)
     ids, mask = padded_batch(CONFIGS[name]["vocab_size"])
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -72,8 +84,8 @@ def test_causal_lm_logits_match_transformers(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_loss_matches_transformers(tmp_path, name):
-    hf = hf_reference(tmp_path, CONFIGS[name])
+def test_loss_matches_transformers(transformers, tmp_path, name):
+    hf = hf_reference(transformers, tmp_path, CONFIGS[name])
     ours = LaFormerForCausalLM.from_pretrained(tmp_path)
     ids, _ = padded_batch(CONFIGS[name]["vocab_size"])
     labels = ids.clone()
@@ -82,9 +94,8 @@ def test_loss_matches_transformers(tmp_path, name):
         assert torch.allclose(hf(ids, labels=labels).loss, ours(ids, labels=labels).loss, atol=1e-5)
 
 
-def test_padding_does_not_change_real_tokens(tmp_path):
-    hf_reference(tmp_path, CONFIGS["gqa-untied-llama3"])
-    model = LaFormerForCausalLM.from_pretrained(tmp_path)
+def test_padding_does_not_change_real_tokens():
+    model = ours("gqa-untied-llama3")
     ids, mask = padded_batch(97)
     with torch.no_grad():
         batch = model(ids, attention_mask=mask).logits
@@ -94,9 +105,8 @@ def test_padding_does_not_change_real_tokens(tmp_path):
     assert (batch[2, :12] - right[0]).abs().max() < 1e-5
 
 
-def test_kv_cache_matches_full_forward(tmp_path):
-    hf_reference(tmp_path, CONFIGS["gqa-untied-llama3"])
-    model = LaFormerForCausalLM.from_pretrained(tmp_path)
+def test_kv_cache_matches_full_forward():
+    model = ours("gqa-untied-llama3")
     ids, mask = padded_batch(97)
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
@@ -110,8 +120,8 @@ def test_kv_cache_matches_full_forward(tmp_path):
     assert (full - incremental)[mask.bool()].abs().max() < 1e-5
 
 
-def test_save_pretrained_loads_in_transformers(tmp_path):
-    hf_reference(tmp_path / "src", CONFIGS["mha-tied-odd"])
+def test_save_pretrained_loads_in_transformers(transformers, tmp_path):
+    hf_reference(transformers, tmp_path / "src", CONFIGS["mha-tied-odd"])
     ours = LaFormerForCausalLM.from_pretrained(tmp_path / "src")
     ours.save_pretrained(tmp_path / "out")
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -120,7 +130,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
         assert (reloaded(ids).logits - ours(ids).logits).abs().max() < 1e-5
 
 
-def test_sharded_safetensors_load(tmp_path):
+def test_sharded_safetensors_load(transformers, tmp_path):
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(max_position_embeddings=64, **CONFIGS["gqa-untied-llama3"]))
     hf.eval().save_pretrained(tmp_path, max_shard_size="20KB")
@@ -131,8 +141,9 @@ def test_sharded_safetensors_load(tmp_path):
         assert (hf(ids).logits - ours(ids).logits).abs().max() < 1e-4
 
 
-def test_sequence_classification_matches_transformers(tmp_path):
-    hf = hf_reference(tmp_path, CONFIGS["gqa-untied-llama3"], "LlamaForSequenceClassification", num_labels=3, pad_token_id=0)
+def test_sequence_classification_matches_transformers(transformers, tmp_path):
+    hf = hf_reference(transformers, tmp_path, CONFIGS["gqa-untied-llama3"], "LlamaForSequenceClassification",
+                      num_labels=3, pad_token_id=0)
     ours = LaFormerForSequenceClassification.from_pretrained(tmp_path)
     assert ours.config.num_labels == 3
     ids, mask = padded_batch(97)
@@ -148,7 +159,7 @@ def test_sequence_classification_matches_transformers(tmp_path):
 
 
 def test_classifier_from_causal_checkpoint_gets_new_head(tmp_path):
-    hf_reference(tmp_path, CONFIGS["mha-tied-odd"])
+    ours("mha-tied-odd", folder=tmp_path)
     model = LaFormerForSequenceClassification.from_pretrained(tmp_path, id2label={0: "neg", 1: "pos"})
     assert model.config.label2id == {"neg": 0, "pos": 1}
     assert model.score.weight.shape == (2, 40) and model.score.weight.std() > 0
@@ -157,8 +168,7 @@ def test_classifier_from_causal_checkpoint_gets_new_head(tmp_path):
 
 
 def test_decoder_only_model_returns_hidden_states(tmp_path):
-    hf_reference(tmp_path, CONFIGS["gqa-untied-llama3"])
-    causal = LaFormerForCausalLM.from_pretrained(tmp_path)
+    causal = ours("gqa-untied-llama3", folder=tmp_path)
     decoder = LaFormerModel.from_pretrained(tmp_path)
     ids, _ = padded_batch(97)
     with torch.no_grad():
@@ -169,8 +179,7 @@ def test_decoder_only_model_returns_hidden_states(tmp_path):
 
 
 def test_bfloat16_is_close_to_float32(tmp_path):
-    hf_reference(tmp_path, CONFIGS["gqa-untied-llama3"])
-    fp32 = LaFormerForCausalLM.from_pretrained(tmp_path)
+    fp32 = ours("gqa-untied-llama3", folder=tmp_path)
     bf16 = LaFormerForCausalLM.from_pretrained(tmp_path, dtype="bfloat16")
     assert bf16.lm_head.weight.dtype == torch.bfloat16
     ids, _ = padded_batch(97)
@@ -179,19 +188,16 @@ def test_bfloat16_is_close_to_float32(tmp_path):
     assert (a - b).abs().max() < 0.05 * a.abs().max()
 
 
-def test_logits_to_keep_returns_last_positions(tmp_path):
-    hf_reference(tmp_path, CONFIGS["gqa-untied-llama3"])
-    model = LaFormerForCausalLM.from_pretrained(tmp_path)
+def test_logits_to_keep_returns_last_positions():
+    model = ours("gqa-untied-llama3")
     ids, _ = padded_batch(97)
     with torch.no_grad():
         assert torch.allclose(model(ids, logits_to_keep=1).logits[:, 0], model(ids).logits[:, -1], atol=1e-6)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
-    config = LaFormerConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LaFormerForCausalLM.from_config(config, seed=0).train()
-    ids = torch.randint(0, 50, (2, 9))
+def test_gradient_checkpointing_gives_same_gradients(tiny_model):
+    model = tiny_model().train()
+    ids = torch.randint(0, 64, (2, 9))
     model(ids, labels=ids).loss.backward()
     plain = model.model.layers[0].mlp.up_proj.weight.grad.clone()
     model.zero_grad()
@@ -207,8 +213,8 @@ def test_bad_configs_and_inputs_raise_clear_errors(tmp_path):
         LaFormerConfig(hidden_size=64, num_attention_heads=4, rope_scaling={"rope_type": "yarn", "factor": 2})
     with pytest.raises(CheckpointError, match="no model at"):
         LaFormerForCausalLM.from_pretrained(tmp_path / "missing")
+    ours("mqa-linear-rope", folder=tmp_path / "m")
     with pytest.raises(ConfigError, match="unknown from_pretrained argument"):
-        hf_reference(tmp_path / "m", CONFIGS["mqa-linear-rope"])
         LaFormerForCausalLM.from_pretrained(tmp_path / "m", not_a_field=1)
     with pytest.raises(ConfigError, match="dtype"):
         LaFormerForCausalLM.from_pretrained(tmp_path / "m", dtype="int8")
@@ -222,7 +228,7 @@ def test_bad_configs_and_inputs_raise_clear_errors(tmp_path):
 def test_wrongly_shaped_tensor_is_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    hf_reference(tmp_path, CONFIGS["mqa-linear-rope"])
+    ours("mqa-linear-rope", folder=tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     weights["model.layers.1.mlp.up_proj.weight"] = torch.zeros(5, 5)
     save_file(weights, tmp_path / "model.safetensors")
