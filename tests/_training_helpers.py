@@ -10,6 +10,7 @@ import json
 import random
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from laformer import LaFormerConfig, LaFormerForCausalLM, LaFormerForSequenceClassification
@@ -40,6 +41,17 @@ def tiny_config(**overrides) -> LaFormerConfig:
 def tiny_model(seed: int = 0, model_class: type = LaFormerForCausalLM, **overrides):
     """A random ``model_class`` (causal LM unless told) of ``tiny_config(**overrides)``, in eval mode."""
     return model_class.from_config(tiny_config(**overrides), seed=seed).eval()
+
+
+def train_steps(model, tokens, steps: int = 3, lr: float = 1e-2):
+    """A few AdamW steps of language modelling on ``tokens`` (enough to move any adapter off its start)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
 
 
 def tiny_classifier(seed: int = 0, labels=("negative", "positive")) -> LaFormerForSequenceClassification:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from laformer import ConfigError, LaFormerConfig, LaFormerForCausalLM
+from laformer import ConfigError
 from laformer.peft import (
     AdaLoraConfig,
     NoHooks,
@@ -25,12 +25,6 @@ from laformer.peft import (
 TOKENS = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8], [9, 7, 9, 3, 2, 38, 4, 6]])
 
 
-def tiny_model(seed: int = 0) -> LaFormerForCausalLM:
-    config = LaFormerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LaFormerForCausalLM.from_config(config, seed=seed).eval()
-
-
 def adalora(**overrides) -> AdaLoraConfig:
     values = dict(init_r=6, target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=15, lora_alpha=8)
     values.update(overrides)
@@ -43,7 +37,7 @@ def fake_gradients(model, generator) -> None:
             p.grad = torch.randn(p.shape, generator=generator)
 
 
-def test_wraps_in_svd_form_and_starts_at_base():
+def test_wraps_in_svd_form_and_starts_at_base(tiny_model):
     model = tiny_model()
     with torch.no_grad():
         before = model(TOKENS).logits
@@ -57,7 +51,7 @@ def test_wraps_in_svd_form_and_starts_at_base():
         torch.testing.assert_close(model(TOKENS).logits, before, atol=0, rtol=0)  # Λ = 0 at init
 
 
-def test_orthogonality_penalty_zero_for_orthogonal_init_positive_otherwise():
+def test_orthogonality_penalty_zero_for_orthogonal_init_positive_otherwise(tiny_model):
     orthogonal = get_peft_model(tiny_model(), adalora(init_lora_weights="orthogonal"))
     assert peft_training_hooks(orthogonal).regularization_loss().item() < 1e-5
     gaussian = get_peft_model(tiny_model(), adalora())
@@ -71,7 +65,7 @@ def test_orthogonality_penalty_zero_for_orthogonal_init_positive_otherwise():
     assert peft_training_hooks(weighted).regularization_loss().item() == pytest.approx(2 * penalty.item(), rel=1e-4)
 
 
-def test_budget_follows_cubic_schedule():
+def test_budget_follows_cubic_schedule(tiny_model):
     model = get_peft_model(tiny_model(), adalora())
     hooks = peft_training_hooks(model)
     assert (hooks.init_budget, hooks.target_budget) == (24, 8)  # 4 layers x init_r 6 -> 4 x target_r 2
@@ -82,7 +76,7 @@ def test_budget_follows_cubic_schedule():
     assert budgets[3] == int(16 * (1 - 1 / 10) ** 3 + 8)
 
 
-def test_rank_reallocation_reaches_target_and_keeps_it():
+def test_rank_reallocation_reaches_target_and_keeps_it(tiny_model):
     model = get_peft_model(tiny_model(), adalora())
     hooks = peft_training_hooks(model)
     generator = torch.Generator().manual_seed(0)
@@ -105,7 +99,7 @@ def test_rank_reallocation_reaches_target_and_keeps_it():
     assert sum(sum(keep) for keep in model.peft_config.rank_pattern.values()) == 8
 
 
-def test_merge_unmerge_exact():
+def test_merge_unmerge_exact(tiny_model):
     model = get_peft_model(tiny_model(), adalora())
     with torch.no_grad():
         for m in model.modules():
@@ -118,7 +112,7 @@ def test_merge_unmerge_exact():
         torch.testing.assert_close(model(TOKENS).logits, adapted, atol=1e-6, rtol=0)
 
 
-def test_save_prunes_to_rank_pattern_and_loads_back(tmp_path):
+def test_save_prunes_to_rank_pattern_and_loads_back(tmp_path, tiny_model):
     model = get_peft_model(tiny_model(), adalora(tinit=0, tfinal=0, total_step=3))
     hooks = peft_training_hooks(model)
     generator = torch.Generator().manual_seed(3)
@@ -145,7 +139,7 @@ def test_save_prunes_to_rank_pattern_and_loads_back(tmp_path):
     assert {k: v.shape for k, v in again.items()} == {k: v.shape for k, v in tensors.items()}
 
 
-def test_schedule_errors():
+def test_schedule_errors(tiny_model):
     with pytest.raises(ConfigError, match="target_r <= init_r"):
         AdaLoraConfig(init_r=4, target_r=8)
     with pytest.raises(ConfigError, match="no budgeting phase"):
@@ -160,13 +154,13 @@ def test_schedule_errors():
     hooks.on_step_end(1)
 
 
-def test_other_methods_have_no_op_hooks():
+def test_other_methods_have_no_op_hooks(tiny_model):
     hooks = peft_training_hooks(get_peft_model(tiny_model(), LoraConfig()))
     assert isinstance(hooks, NoHooks) and hooks.regularization_loss().item() == 0.0
     hooks.on_step_end(1)
 
 
-def test_hooks_state_round_trip_resumes_identically():
+def test_hooks_state_round_trip_resumes_identically(tiny_model):
     generator = torch.Generator().manual_seed(4)
     runs = []
     for resume in (False, True):

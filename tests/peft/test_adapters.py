@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _training_helpers import train_steps
 
-from laformer import CheckpointError, ConfigError, LaFormerConfig, LaFormerForCausalLM
+from laformer import CheckpointError, ConfigError
 from laformer.peft import (
     AdapterConfig,
     BottleneckAdapter,
@@ -19,23 +20,7 @@ from laformer.peft import (
 TOKENS = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8], [9, 7, 9, 3, 2, 38, 4, 6]])
 
 
-def tiny_model(seed: int = 0, hidden_size: int = 32) -> LaFormerForCausalLM:
-    config = LaFormerConfig(vocab_size=64, hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LaFormerForCausalLM.from_config(config, seed=seed).eval()
-
-
-def train_steps(model, steps=3):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        model(TOKENS, labels=TOKENS).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
-
-
-def test_adapters_sit_after_attention_and_mlp_and_start_as_identity():
+def test_adapters_sit_after_attention_and_mlp_and_start_as_identity(tiny_model):
     model = tiny_model()
     with torch.no_grad():
         before = model(TOKENS).logits
@@ -51,7 +36,7 @@ def test_adapters_sit_after_attention_and_mlp_and_start_as_identity():
         torch.testing.assert_close(model(TOKENS).logits, before, atol=0, rtol=0)
 
 
-def test_gradients_reach_adapters_and_training_changes_output():
+def test_gradients_reach_adapters_and_training_changes_output(tiny_model):
     model = get_peft_model(tiny_model(), AdapterConfig(bottleneck=8, train_norms=False))
     assert not model.model.norm.weight.requires_grad
     model(TOKENS, labels=TOKENS).loss.backward()
@@ -61,14 +46,14 @@ def test_gradients_reach_adapters_and_training_changes_output():
     model.zero_grad()
     with torch.no_grad():
         before = model(TOKENS).logits
-    train_steps(model)
+    train_steps(model, TOKENS)
     assert model.model.layers[0].mlp.down_proj.adapter_down.weight.grad is None  # zero_grad(set_to_none)
     with torch.no_grad():
         assert (model(TOKENS).logits - before).abs().max() > 1e-4
 
 
-def test_save_load_round_trip_and_small_files(tmp_path):
-    model = train_steps(get_peft_model(tiny_model(), AdapterConfig(bottleneck=8, activation="gelu")))
+def test_save_load_round_trip_and_small_files(tmp_path, tiny_model):
+    model = train_steps(get_peft_model(tiny_model(), AdapterConfig(bottleneck=8, activation="gelu")), TOKENS)
     save_adapter(model, tmp_path)
     full_size = sum(p.numel() * 4 for p in model.parameters())
     assert (tmp_path / "adapter_model.safetensors").stat().st_size < full_size / 3
@@ -78,7 +63,7 @@ def test_save_load_round_trip_and_small_files(tmp_path):
         torch.testing.assert_close(fresh.eval()(TOKENS).logits, model(TOKENS).logits, atol=0, rtol=0)
 
 
-def test_unload_restores_base_and_merge_is_refused():
+def test_unload_restores_base_and_merge_is_refused(tiny_model):
     model = tiny_model()
     with torch.no_grad():
         before = model(TOKENS).logits
@@ -92,7 +77,7 @@ def test_unload_restores_base_and_merge_is_refused():
         torch.testing.assert_close(model(TOKENS).logits, before, atol=0, rtol=0)
 
 
-def test_errors():
+def test_errors(tiny_model):
     with pytest.raises(ConfigError, match="bottleneck"):
         AdapterConfig(bottleneck=0)
     with pytest.raises(ConfigError, match="activation"):
@@ -101,7 +86,7 @@ def test_errors():
         get_peft_model(tiny_model(), AdapterConfig(target_modules=["out_proj"]))
 
 
-def test_adapter_for_another_base_model_raises(tmp_path):
+def test_adapter_for_another_base_model_raises(tmp_path, tiny_model):
     save_adapter(get_peft_model(tiny_model(), AdapterConfig(bottleneck=4)), tmp_path)
     with pytest.raises(CheckpointError, match="different base model"):
         load_adapter(tiny_model(hidden_size=48), tmp_path)

@@ -8,12 +8,11 @@ from collections import OrderedDict
 import pytest
 import torch
 from torch import nn
+from _training_helpers import train_steps
 
 from laformer import (
     CheckpointError,
     ConfigError,
-    LaFormerConfig,
-    LaFormerForCausalLM,
     LaFormerForSequenceClassification,
 )
 from laformer.peft import (
@@ -34,17 +33,6 @@ from laformer.quantization import QuantizedLinear, quantize_model, set_int8_acti
 TOKENS = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8], [9, 7, 9, 3, 2, 38, 4, 6]])
 
 
-def tiny_config(**overrides) -> LaFormerConfig:
-    values = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
-    values.update(overrides)
-    return LaFormerConfig(**values)
-
-
-def tiny_model(seed: int = 0, **overrides) -> LaFormerForCausalLM:
-    return LaFormerForCausalLM.from_config(tiny_config(**overrides), seed=seed).eval()
-
-
 def randomize_lora(model: nn.Module, seed: int = 1) -> None:
     """Give every B a non-zero value so the adapter changes the output (as after training)."""
     generator = torch.Generator().manual_seed(seed)
@@ -54,17 +42,7 @@ def randomize_lora(model: nn.Module, seed: int = 1) -> None:
                 m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=generator) * 0.1)
 
 
-def train_steps(model: nn.Module, steps: int = 3) -> None:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        model(TOKENS, labels=TOKENS).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-
-
-def test_wraps_targets_starts_at_base_and_trains_only_lora():
+def test_wraps_targets_starts_at_base_and_trains_only_lora(tiny_model):
     model = tiny_model()
     with torch.no_grad():
         before = model(TOKENS).logits
@@ -78,7 +56,7 @@ def test_wraps_targets_starts_at_base_and_trains_only_lora():
                          for i in range(2) for proj in ("q_proj", "v_proj") for ab in "AB"}
     with torch.no_grad():
         torch.testing.assert_close(model(TOKENS).logits, before, atol=0, rtol=0)  # B = 0 at init
-    train_steps(model)
+    train_steps(model, TOKENS)
     with torch.no_grad():
         assert (model(TOKENS).logits - before).abs().max() > 1e-4
     for name, param in model.named_parameters():  # the base never moves
@@ -87,7 +65,7 @@ def test_wraps_targets_starts_at_base_and_trains_only_lora():
             torch.testing.assert_close(param, base_weights[base_name], atol=0, rtol=0)
 
 
-def test_summary_line_counts_trainable_and_total(capsys):
+def test_summary_line_counts_trainable_and_total(capsys, tiny_model):
     model = get_peft_model(tiny_model(), LoraConfig(r=4))
     lora = 2 * (4 * (32 + 32) + 4 * (32 + 16))  # per layer: q (32->32) and v (32->16)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -97,7 +75,7 @@ def test_summary_line_counts_trainable_and_total(capsys):
     assert capsys.readouterr().out.strip() == line
 
 
-def test_merge_unmerge_and_merge_and_unload_are_exact():
+def test_merge_unmerge_and_merge_and_unload_are_exact(tiny_model):
     model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules="all-linear"))
     assert not isinstance(model.lm_head, LoRALinear)  # "all-linear" leaves the output head alone
     randomize_lora(model)
@@ -117,7 +95,7 @@ def test_merge_unmerge_and_merge_and_unload_are_exact():
         torch.testing.assert_close(plain(TOKENS).logits, adapted, atol=1e-5, rtol=0)
 
 
-def test_regex_targets_and_unload_restores_base():
+def test_regex_targets_and_unload_restores_base(tiny_model):
     model = tiny_model()
     with torch.no_grad():
         before = model(TOKENS).logits
@@ -145,7 +123,7 @@ def test_bias_modes_train_existing_biases():
     assert trainable("all") == lora | {"q_proj.base_layer.bias", "out.bias"}
 
 
-def test_classifier_head_is_trained_and_saved(tmp_path):
+def test_classifier_head_is_trained_and_saved(tmp_path, tiny_config):
     config = tiny_config(id2label={0: "neg", 1: "pos", 2: "neutral"})
     model = get_peft_model(LaFormerForSequenceClassification.from_config(config, seed=0), LoraConfig(r=2))
     assert model.score.weight.requires_grad
@@ -158,9 +136,9 @@ def test_classifier_head_is_trained_and_saved(tmp_path):
         torch.testing.assert_close(fresh.eval()(TOKENS).logits, model.eval()(TOKENS).logits, atol=1e-6, rtol=0)
 
 
-def test_save_load_round_trip_small_files(tmp_path):
+def test_save_load_round_trip_small_files(tmp_path, tiny_model):
     model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "down_proj"]))
-    train_steps(model)
+    train_steps(model, TOKENS)
     save_adapter(model, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     assert (tmp_path / "adapter_model.safetensors").stat().st_size < 10_000
@@ -170,7 +148,7 @@ def test_save_load_round_trip_small_files(tmp_path):
         torch.testing.assert_close(fresh.eval()(TOKENS).logits, model(TOKENS).logits, atol=0, rtol=0)
 
 
-def test_dropout_only_in_training():
+def test_dropout_only_in_training(tiny_model):
     model = get_peft_model(tiny_model(), LoraConfig(r=4, lora_dropout=0.5))
     randomize_lora(model)
     with torch.no_grad():
@@ -181,7 +159,7 @@ def test_dropout_only_in_training():
     assert (train_a - train_b).abs().max() > 0
 
 
-def test_bfloat16_base_keeps_its_dtype():
+def test_bfloat16_base_keeps_its_dtype(tiny_model):
     model = tiny_model().to(torch.bfloat16)
     get_peft_model(model, LoraConfig(r=4))
     assert model.model.layers[0].self_attn.q_proj.lora_A.weight.dtype == torch.float32
@@ -202,25 +180,25 @@ class FakeQuantLinear(nn.Module):
         return x @ (self.weight.to(x.dtype) * self.scales).T
 
 
-def test_lora_trains_over_a_quantized_base():
+def test_lora_trains_over_a_quantized_base(tiny_model):
     model = tiny_model()
     for layer in model.model.layers:
         layer.self_attn.q_proj = FakeQuantLinear(layer.self_attn.q_proj)
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
     assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, FakeQuantLinear)
-    train_steps(model)
+    train_steps(model, TOKENS)
     assert model.model.layers[0].self_attn.q_proj.lora_B.weight.abs().sum() > 0
     with pytest.raises(ConfigError, match="quantized base"):
         merge_adapter(model)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_qlora_on_laformer_quantized_model(mode):
+def test_qlora_on_laformer_quantized_model(mode, tiny_model):
     model = tiny_model()
     quantize_model(model, mode, group_size=32)
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
     assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer, QuantizedLinear)
-    train_steps(model, steps=2)
+    train_steps(model, TOKENS, steps=2)
     assert model.model.layers[0].self_attn.q_proj.lora_B.weight.abs().sum() > 0
     set_int8_activations(model, False)  # the per-channel int8 head would round its activations
     with torch.no_grad():
@@ -239,7 +217,7 @@ def test_qlora_on_laformer_quantized_model(mode):
         (dict(target_modules="q_proj(["), "not a valid regex"),
     ],
 )
-def test_bad_targets_raise_config_error(config, match):
+def test_bad_targets_raise_config_error(config, match, tiny_model):
     with pytest.raises(ConfigError, match=match):
         get_peft_model(tiny_model(), LoraConfig(**config))
 
@@ -250,7 +228,7 @@ def test_bad_config_values_raise(kwargs):
         LoraConfig(**kwargs)
 
 
-def test_second_adapter_and_merge_without_adapter_raise():
+def test_second_adapter_and_merge_without_adapter_raise(tiny_model):
     model = get_peft_model(tiny_model(), LoraConfig())
     with pytest.raises(ConfigError, match="already has a LORA adapter"):
         get_peft_model(model, LoraConfig())
@@ -260,7 +238,7 @@ def test_second_adapter_and_merge_without_adapter_raise():
         save_adapter(tiny_model(), "unused")
 
 
-def test_adapter_for_another_base_model_raises(tmp_path):
+def test_adapter_for_another_base_model_raises(tmp_path, tiny_model):
     model = get_peft_model(tiny_model(), LoraConfig(r=4))
     save_adapter(model, tmp_path)
     with pytest.raises(CheckpointError, match="has shape .* different base model"):
@@ -273,7 +251,7 @@ def test_adapter_for_another_base_model_raises(tmp_path):
         load_adapter(tiny_model(), tmp_path / "missing")
 
 
-def test_peft_only_options_are_refused(tmp_path):
+def test_peft_only_options_are_refused(tmp_path, tiny_model):
     model = get_peft_model(tiny_model(), LoraConfig(r=4))
     save_adapter(model, tmp_path)
     path = tmp_path / "adapter_config.json"
@@ -291,7 +269,7 @@ def test_default_model_summary(default_model):
         torch.testing.assert_close(model(ids).logits, default_model(ids).logits, atol=0, rtol=0)
 
 
-def test_tied_output_head_is_refused():
+def test_tied_output_head_is_refused(tiny_model):
     model = tiny_model(tie_word_embeddings=True)
     with pytest.raises(ConfigError, match="tied"):
         get_peft_model(model, LoraConfig(target_modules=["q_proj", "lm_head"]))
