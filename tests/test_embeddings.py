@@ -7,15 +7,13 @@ import torch
 
 from laformer import (
     ConfigError,
-    LaFormerConfig,
     LaFormerForCausalLM,
     LaFormerForSequenceClassification,
     LaFormerModel,
 )
 from laformer.embeddings import encode
 
-CONFIG = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
+BYTES = dict(vocab_size=260, hidden_size=64, intermediate_size=128, max_position_embeddings=128)  # 256 bytes + pad
 
 
 class ByteTokenizer:
@@ -34,8 +32,8 @@ class ByteTokenizer:
 
 
 @pytest.fixture(scope="module")
-def model() -> LaFormerModel:
-    return LaFormerModel.from_config(LaFormerConfig(**CONFIG), seed=0).eval()
+def model(tiny_model) -> LaFormerModel:
+    return tiny_model(model_class=LaFormerModel, **BYTES)
 
 
 def test_padding_does_not_change_an_embedding(model):
@@ -65,8 +63,8 @@ def test_truncation_and_empty_input(model):
 
 
 @pytest.mark.parametrize("cls", [LaFormerModel, LaFormerForCausalLM, LaFormerForSequenceClassification])
-def test_every_model_class_embeds_through_its_decoder(cls):
-    model = cls.from_config(LaFormerConfig(**CONFIG), seed=0).eval()
+def test_every_model_class_embeds_through_its_decoder(cls, tiny_model):
+    model = tiny_model(model_class=cls, **BYTES)
     tokenizer = ByteTokenizer()
     expected = encode(model.decoder, tokenizer, ["hello", "world"])
     torch.testing.assert_close(model.encode(["hello", "world"], tokenizer), expected)

@@ -5,23 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from laformer import GenerationError, LaFormerConfig, LaFormerForCausalLM
+from laformer import GenerationError, LaFormerForCausalLM
 from laformer.attention import sdpa_attention
 from laformer.generation import generate, generate_steps, generate_text, logits_to_probs, stream
 
 VOCAB = 48
 
 
-def tiny_model(**overrides) -> LaFormerForCausalLM:
-    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, eos_token_id=None, initializer_range=0.2)
-    fields.update(overrides)
-    return LaFormerForCausalLM.from_config(LaFormerConfig(**fields), seed=0).eval()
+# no EOS: generation runs its full length; a wide init spreads the logits away from near-ties
+GENERATION = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, eos_token_id=None, initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
-def model() -> LaFormerForCausalLM:
-    return tiny_model()
+def model(tiny_model) -> LaFormerForCausalLM:
+    return tiny_model(**GENERATION)
 
 
 class CharTokenizer:
@@ -101,7 +98,7 @@ def test_logits_to_probs_filters():
     torch.testing.assert_close(logits_to_probs(logits), probs)
 
 
-def test_eos_ends_rows_and_pads_them(model):
+def test_eos_ends_rows_and_pads_them(model, tiny_model):
     ids = torch.stack([prompt(4, 1), prompt(4, 5)])
     free = generate(model, ids, max_new_tokens=10)
     eos = int(free[0, 4 + 2])  # row 0's third new token
@@ -112,7 +109,7 @@ def test_eos_ends_rows_and_pads_them(model):
     assert row0[first_eos + 1:] == [0] * (len(row0) - first_eos - 1)
     assert out.finish_reasons[0] == "eos"
     # the config's eos is the default
-    config_eos = tiny_model(eos_token_id=[eos])
+    config_eos = tiny_model(**GENERATION | dict(eos_token_id=[eos]))
     assert torch.equal(generate(config_eos, ids, max_new_tokens=10, pad_token_id=0), out.sequences)
 
 

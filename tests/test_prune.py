@@ -8,24 +8,20 @@ import math
 import pytest
 import torch
 
-from laformer import ConfigError, GenerationError, LaFormerConfig, LaFormerForCausalLM
+from laformer import ConfigError, GenerationError, LaFormerForCausalLM
 from laformer.prune import magnitude_prune, perplexity, prune_ffn, prune_heads
 from laformer.quantization import quantize_model
 
 
-def tiny_model(seed: int = 0, **overrides) -> LaFormerForCausalLM:
-    values = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64)
-    values.update(overrides)
-    return LaFormerForCausalLM.from_config(LaFormerConfig(**values), seed=seed).eval()
+PRUNE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, tie_word_embeddings=True)
 
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.75])
-def test_magnitude_prune_per_layer_reaches_sparsity(sparsity):
-    model = tiny_model()
+def test_magnitude_prune_per_layer_reaches_sparsity(sparsity, tiny_model):
+    model = tiny_model(**PRUNE)
     achieved = magnitude_prune(model, sparsity)
     assert len(achieved) == 2 * 7
     for name, value in achieved.items():
@@ -35,8 +31,8 @@ def test_magnitude_prune_per_layer_reaches_sparsity(sparsity):
     assert torch.isfinite(model(IDS).logits).all()
 
 
-def test_magnitude_prune_global_threshold():
-    model = tiny_model()
+def test_magnitude_prune_global_threshold(tiny_model):
+    model = tiny_model(**PRUNE)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(0.1)  # much smaller weights: pruned harder globally
     achieved = magnitude_prune(model, 0.5, scope="global")
@@ -47,8 +43,8 @@ def test_magnitude_prune_global_threshold():
     assert model.config.extra["pruning"]["magnitude"] == {"sparsity": 0.5, "scope": "global"}
 
 
-def test_prune_ffn_shrinks_and_reloads(tmp_path):
-    model = tiny_model()
+def test_prune_ffn_shrinks_and_reloads(tmp_path, tiny_model):
+    model = tiny_model(**PRUNE)
     assert prune_ffn(copy.deepcopy(model), 0.25) == [64, 64]  # rounded to a multiple of 32: stays quantizable
     sizes = prune_ffn(model, 0.25, multiple_of=1)
     assert sizes == [72, 72]
@@ -61,8 +57,8 @@ def test_prune_ffn_shrinks_and_reloads(tmp_path):
     assert torch.equal(loaded(IDS).logits, logits)
 
 
-def test_prune_ffn_keeps_the_important_channels():
-    model = tiny_model()
+def test_prune_ffn_keeps_the_important_channels(tiny_model):
+    model = tiny_model(**PRUNE)
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[:, 5] *= 100  # channel 5 dominates the output
         model.model.layers[0].mlp.down_proj.weight[:, 7] = 0  # channel 7 contributes nothing
@@ -74,8 +70,8 @@ def test_prune_ffn_keeps_the_important_channels():
 
 
 @pytest.mark.parametrize("calibrate", [False, True])
-def test_prune_heads_removes_kv_groups_and_reloads(tmp_path, calibrate):
-    model = tiny_model()
+def test_prune_heads_removes_kv_groups_and_reloads(tmp_path, calibrate, tiny_model):
+    model = tiny_model(**PRUNE)
     heads = prune_heads(model, 0.5, IDS if calibrate else None)
     assert heads == [[2, 1], [2, 1]]  # 4 heads in 2 KV groups -> 1 group of 2 query heads
     attn = model.model.layers[0].self_attn
@@ -90,9 +86,9 @@ def test_prune_heads_removes_kv_groups_and_reloads(tmp_path, calibrate):
     assert torch.equal(loaded(IDS).logits, logits)
 
 
-def test_prune_heads_equals_zeroing_their_output():
+def test_prune_heads_equals_zeroing_their_output(tiny_model):
     """Removing a group gives exactly the model whose o_proj ignores that group's query heads."""
-    model = tiny_model()
+    model = tiny_model(**PRUNE)
     reference = copy.deepcopy(model)
     prune_heads(model, 0.5)
     for ref, pruned in zip(reference.model.layers, model.model.layers):
@@ -106,8 +102,8 @@ def test_prune_heads_equals_zeroing_their_output():
     torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_pruned_then_quantized_roundtrip(tmp_path):
-    model = tiny_model()
+def test_pruned_then_quantized_roundtrip(tmp_path, tiny_model):
+    model = tiny_model(**PRUNE)
     prune_ffn(model, 0.5)
     prune_heads(model, 0.5)
     quantize_model(model, "int4", 32)
@@ -116,8 +112,8 @@ def test_pruned_then_quantized_roundtrip(tmp_path):
     assert torch.equal(loaded(IDS).logits, model(IDS).logits)
 
 
-def test_perplexity_report():
-    model = tiny_model()
+def test_perplexity_report(tiny_model):
+    model = tiny_model(**PRUNE)
     ids = IDS[0]
     value = perplexity(model, ids, window=5)
     assert math.isfinite(value) and 1 < value < 1000
@@ -127,27 +123,27 @@ def test_perplexity_report():
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, "0.3"])
-def test_bad_fractions_raise(bad):
-    model = tiny_model()
+def test_bad_fractions_raise(bad, tiny_model):
+    model = tiny_model(**PRUNE)
     for prune in (magnitude_prune, prune_ffn, prune_heads):
         with pytest.raises(ConfigError, match=r"\[0, 1\)"):
             prune(model, bad)
 
 
-def test_bad_scope_and_quantized_model_raise():
+def test_bad_scope_and_quantized_model_raise(tiny_model):
     with pytest.raises(ConfigError, match="scope"):
-        magnitude_prune(tiny_model(), 0.3, scope="row")
-    quantized = quantize_model(tiny_model(), "int8")
+        magnitude_prune(tiny_model(**PRUNE), 0.3, scope="row")
+    quantized = quantize_model(tiny_model(**PRUNE), "int8")
     with pytest.raises(ConfigError, match="prune before"):
         prune_ffn(quantized, 0.3)
     with pytest.raises(ConfigError, match="no float decoder linears"):
         magnitude_prune(quantized, 0.3)
 
 
-def test_cli_prune(tmp_path, capsys):
+def test_cli_prune(tmp_path, capsys, tiny_model):
     from laformer.cli import main
 
-    tiny_model().save_pretrained(tmp_path / "float")
+    tiny_model(**PRUNE).save_pretrained(tmp_path / "float")
     assert main(["prune", str(tmp_path / "float"), str(tmp_path / "out"), "--method", "ffn", "--sparsity", "0.5"]) == 0
     assert "ffn pruning" in capsys.readouterr().out
     loaded = LaFormerForCausalLM.from_pretrained(tmp_path / "out")

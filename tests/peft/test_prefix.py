@@ -7,33 +7,29 @@ import math
 import pytest
 import torch
 
-from laformer import CheckpointError, ConfigError, LaFormerConfig, LaFormerForCausalLM
+from laformer import CheckpointError, ConfigError, LaFormerForCausalLM
 from laformer.attention import sdpa_attention
 from laformer.peft import PrefixAttention, PrefixConfig, get_peft_model, load_adapter, save_adapter, unload
 
 TOKENS = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 8], [9, 7, 9, 3, 2, 38, 4, 6]])
 
 
-def tiny_model(seed: int = 0, kv_heads: int = 2) -> LaFormerForCausalLM:
-    config = LaFormerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                            eos_token_id=None)
-    return LaFormerForCausalLM.from_config(config, seed=seed).eval()
+NO_EOS = dict(eos_token_id=None)  # generation runs its full length
 
 
-def prefixed(projection: bool = False, seed: int = 0) -> LaFormerForCausalLM:
-    model = get_peft_model(tiny_model(seed), PrefixConfig(num_virtual_tokens=5, prefix_projection=projection,
-                                                          encoder_hidden_size=16))
+def prefixed(base: LaFormerForCausalLM, projection: bool = False) -> LaFormerForCausalLM:
+    model = get_peft_model(base, PrefixConfig(num_virtual_tokens=5, prefix_projection=projection,
+                                              encoder_hidden_size=16))
     with torch.no_grad():  # a prefix that matters, as after training
         model.prefix_encoder.embedding.weight.normal_(std=1.0)
     return model
 
 
-def test_prefix_changes_output_and_only_it_trains():
-    base = tiny_model()
+def test_prefix_changes_output_and_only_it_trains(tiny_model):
+    base = tiny_model(**NO_EOS)
     with torch.no_grad():
         before = base(TOKENS).logits
-    model = prefixed()
+    model = prefixed(tiny_model(**NO_EOS))
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"prefix_encoder.embedding.weight"}
     assert isinstance(model.model.layers[1].self_attn.backend, PrefixAttention)
     with torch.no_grad():
@@ -44,8 +40,8 @@ def test_prefix_changes_output_and_only_it_trains():
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("prefix_encoder"))
 
 
-def test_backend_matches_explicit_attention_over_prefix_and_keys():
-    model = prefixed()
+def test_backend_matches_explicit_attention_over_prefix_and_keys(tiny_model):
+    model = prefixed(tiny_model(**NO_EOS))
     backend = model.model.layers[1].self_attn.backend
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8)
@@ -60,8 +56,8 @@ def test_backend_matches_explicit_attention_over_prefix_and_keys():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_prefix_stays_out_of_the_cache_and_cached_decoding_matches_recompute():
-    model = prefixed()
+def test_prefix_stays_out_of_the_cache_and_cached_decoding_matches_recompute(tiny_model):
+    model = prefixed(tiny_model(**NO_EOS))
     with torch.no_grad():
         out = model(TOKENS, use_cache=True)
         assert out.past_key_values.get_seq_length() == TOKENS.shape[1]
@@ -72,8 +68,8 @@ def test_prefix_stays_out_of_the_cache_and_cached_decoding_matches_recompute():
     assert torch.equal(generated, ids)
 
 
-def test_left_padding_gives_the_unpadded_result():
-    model = prefixed(projection=True)
+def test_left_padding_gives_the_unpadded_result(tiny_model):
+    model = prefixed(tiny_model(**NO_EOS), projection=True)
     short = torch.tensor([[7, 3, 11, 5]])
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)
     batch = torch.cat([padded, TOKENS[:1, :7]], dim=0)
@@ -85,8 +81,8 @@ def test_left_padding_gives_the_unpadded_result():
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
-def test_projection_computes_each_layers_slice_of_the_mlp():
-    model = prefixed(projection=True)
+def test_projection_computes_each_layers_slice_of_the_mlp(tiny_model):
+    model = prefixed(tiny_model(**NO_EOS), projection=True)
     encoder = model.prefix_encoder
     assert encoder.transform is not None and encoder.transform[2].out_features == 2 * 2 * 2 * 8
     full = encoder.transform(encoder.embedding.weight).view(5, 2, 2, 2, 8)  # (P, layer, k/v, Hkv, D)
@@ -97,31 +93,31 @@ def test_projection_computes_each_layers_slice_of_the_mlp():
         torch.testing.assert_close(pv, full[:, layer, 1].transpose(0, 1))
 
 
-def test_save_load_round_trip_and_unload(tmp_path):
-    model = prefixed(projection=True)
+def test_save_load_round_trip_and_unload(tmp_path, tiny_model):
+    model = prefixed(tiny_model(**NO_EOS), projection=True)
     save_adapter(model, tmp_path)
-    fresh = load_adapter(tiny_model(), tmp_path)
+    fresh = load_adapter(tiny_model(**NO_EOS), tmp_path)
     assert fresh.peft_config == model.peft_config
     with torch.no_grad():
         torch.testing.assert_close(fresh(TOKENS).logits, model(TOKENS).logits, atol=0, rtol=0)
     unload(fresh)
     assert fresh.model.layers[0].self_attn.backend is sdpa_attention and not hasattr(fresh, "prefix_encoder")
     with torch.no_grad():
-        torch.testing.assert_close(fresh(TOKENS).logits, tiny_model()(TOKENS).logits, atol=0, rtol=0)
+        torch.testing.assert_close(fresh(TOKENS).logits, tiny_model(**NO_EOS)(TOKENS).logits, atol=0, rtol=0)
 
 
-def test_errors(tmp_path):
+def test_errors(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         PrefixConfig(num_virtual_tokens=0)
     with pytest.raises(ConfigError, match="needs a laformer model"):
         get_peft_model(torch.nn.Linear(2, 2), PrefixConfig())
-    save_adapter(prefixed(), tmp_path)
+    save_adapter(prefixed(tiny_model(**NO_EOS)), tmp_path)
     with pytest.raises(CheckpointError, match="different base model"):
-        load_adapter(tiny_model(kv_heads=4), tmp_path)
+        load_adapter(tiny_model(**NO_EOS, num_key_value_heads=4), tmp_path)
 
 
-def test_padded_batch_generation_matches_each_prompt_alone():
-    model = prefixed()
+def test_padded_batch_generation_matches_each_prompt_alone(tiny_model):
+    model = prefixed(tiny_model(**NO_EOS))
     short, long = torch.tensor([[7, 3, 11]]), TOKENS[:1, :6]
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
     mask = (torch.arange(6)[None] >= torch.tensor([[3], [0]])).long()
