@@ -106,15 +106,11 @@ def test_clear_errors(base, data, tmp_path, capsys):
     assert "laformer_finetune.json" in capsys.readouterr().err
 
 
-def test_adapter_for_another_base_is_refused(base, data, tmp_path):
+def test_adapter_for_another_base_is_refused(base, data, tmp_path, tiny_model):
     out = tmp_path / "lora"
     assert finetune(base, data, out, "--method", "lora", "--max-steps", "1") == 0
     other = tmp_path / "other"
-    from laformer import LaFormerForCausalLM
-
-    from _training_helpers import tiny_config
-
-    LaFormerForCausalLM.from_config(tiny_config(hidden_size=48, num_attention_heads=4)).save_pretrained(other)
+    tiny_model(hidden_size=48).save_pretrained(other)
     meta = json.loads((out / "laformer_finetune.json").read_text())
     (out / "laformer_finetune.json").write_text(json.dumps({**meta, "base_model": str(other)}))
     with pytest.raises(LaFormerError, match="shape"):

@@ -11,8 +11,10 @@ import sys
 import pytest
 import torch
 
-from laformer import LaFormerConfig, LaFormerForCausalLM
+from laformer import LaFormerForCausalLM
 from laformer.cli import common, main
+from laformer.generation import generate
+from laformer.inference import DecodeEngine
 
 SUBCOMMANDS = ["generate", "chat", "info", "convert"]
 
@@ -31,13 +33,11 @@ def default_loaded(monkeypatch, default_model, default_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, default_tokenizer):
+def tiny_folder(tmp_path_factory, default_tokenizer, tiny_model):
     """A random two-layer model with the default tokenizer, saved as a Hugging Face folder (loads in a blink)."""
-    config = LaFormerConfig(vocab_size=default_tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=2)
     folder = tmp_path_factory.mktemp("tiny")
-    LaFormerForCausalLM.from_config(config, seed=0).save_pretrained(folder)
+    tiny_model(vocab_size=default_tokenizer.vocab_size, max_position_embeddings=256, tie_word_embeddings=True,
+               eos_token_id=2).save_pretrained(folder)
     default_tokenizer.save_pretrained(folder)
     return folder
 
@@ -69,15 +69,11 @@ def test_generate_chat_streams_the_answer_and_hides_stop_strings(default_loaded,
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_generate_quantized_at_load_decodes_like_the_library(tmp_path, default_tokenizer, quantize, capsys):
-    from laformer.generation import generate
-    from laformer.inference import DecodeEngine
-
-    config = LaFormerConfig(vocab_size=default_tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=64, tie_word_embeddings=True, eos_token_id=2,
-                            initializer_range=0.3)  # widely spread logits: no near-ties between the two paths
-    LaFormerForCausalLM.from_config(config, seed=0).save_pretrained(tmp_path)
+def test_generate_quantized_at_load_decodes_like_the_library(tmp_path, default_tokenizer, quantize, capsys,
+                                                              tiny_model):
+    tiny_model(vocab_size=default_tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+               tie_word_embeddings=True, eos_token_id=2,
+               initializer_range=0.3).save_pretrained(tmp_path)  # widely spread logits: no near-ties between paths
     default_tokenizer.save_pretrained(tmp_path)
     assert main(["generate", "Hello", "--model", str(tmp_path), "--max-new-tokens", "6", "--quantize", quantize]) == 0
     out = capsys.readouterr().out

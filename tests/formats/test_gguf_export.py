@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from laformer import LaFormerConfig, LaFormerForCausalLM
+from laformer import LaFormerForCausalLM
 from laformer.errors import LaFormerError
 from laformer.formats.gguf import read_gguf_metadata, read_gguf_tensors
 
@@ -14,14 +14,22 @@ TEXT = ("It was the best of times, it was the worst of times, it was the age of 
         "foolishness, it was the epoch of belief, it was the epoch of incredulity.")
 
 
-def tiny(seed=0):
-    config = LaFormerConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                            rope_theta=1e5, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    model = LaFormerForCausalLM.from_config(config, seed=seed).eval()
-    for p in model.parameters():
-        p.data *= 3
-    return model
+# the default tokenizer's vocabulary, which llama.cpp tokenizes with
+EXPORT = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, tie_word_embeddings=False, rope_theta=1e5,
+              max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture
+def tiny(tiny_model):
+    """``tiny(seed)``: a random model whose weights are scaled up so its log-probs are far from uniform."""
+
+    def build(seed: int = 0) -> LaFormerForCausalLM:
+        model = tiny_model(seed, **EXPORT)
+        for p in model.parameters():
+            p.data *= 3
+        return model
+
+    return build
 
 
 def log_probs(model, ids):
@@ -31,7 +39,7 @@ def log_probs(model, ids):
 
 
 @pytest.mark.parametrize("kind,tol", [("f32", 1e-5), ("f16", 2e-2), ("q8_0", 0.2)])
-def test_tiny_round_trip(tmp_path, default_tokenizer, kind, tol):
+def test_tiny_round_trip(tmp_path, default_tokenizer, kind, tol, tiny):
     model = tiny()
     path = model.save_gguf(tmp_path / "t.gguf", type=kind, tokenizer=default_tokenizer)
     ids = default_tokenizer.encode(TEXT)
@@ -56,7 +64,7 @@ def test_default_q4_1_keeps_bytes_and_tokenizer(tmp_path, default_model, default
         assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
 
 
-def test_bad_input_leaves_no_file(tmp_path, default_tokenizer):
+def test_bad_input_leaves_no_file(tmp_path, default_tokenizer, tiny):
     model = tiny()
     with pytest.raises(LaFormerError, match="q4_0"):
         model.save_gguf(tmp_path / "x.gguf", type="q5_k", tokenizer=default_tokenizer)
@@ -86,7 +94,7 @@ def test_llama_cpp_matches_default_model(tmp_path, default_model, default_tokeni
         assert abs(np.exp(-theirs.mean()) / np.exp(-ours.mean()) - 1) < 0.01
 
 
-def test_llama_cpp_follows_merged_lora(tmp_path, default_tokenizer):
+def test_llama_cpp_follows_merged_lora(tmp_path, default_tokenizer, tiny):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (it builds from source)")
     from laformer.peft import LoraConfig, get_peft_model, merge_and_unload
 
