@@ -82,19 +82,13 @@ class LaFormerConfig:
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
     def to_dict(self) -> dict[str, Any]:
-        """A Hugging Face compatible ``config.json`` dictionary."""
+        """The fields under Hugging Face's ``LlamaConfig`` names. What depends on the model class and its weights
+        (``architectures``, ``torch_dtype``) is added by ``formats.huggingface.save_hf_folder``, which writes
+        ``config.json``."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         if data["id2label"] is not None:
             data["id2label"] = {str(k): v for k, v in data["id2label"].items()}
-        data.update(
-            architectures=["LlamaForSequenceClassification" if self.id2label else "LlamaForCausalLM"],
-            model_type="llama",
-            hidden_act="silu",
-            attention_bias=False,
-            mlp_bias=False,
-            attention_dropout=0.0,
-            torch_dtype="float32",
-        )
+        data.update(model_type="llama", hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0)
         if self.extra:
             data["laformer"] = self.extra
         return data
@@ -123,10 +117,6 @@ class LaFormerConfig:
         if kwargs.get("rope_scaling") and kwargs["rope_scaling"].get("rope_type", kwargs["rope_scaling"].get("type")) == "default":
             kwargs["rope_scaling"] = None
         return cls(**kwargs)
-
-    def save(self, directory: str | Path) -> None:
-        path = Path(directory) / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> "LaFormerConfig":

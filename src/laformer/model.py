@@ -119,6 +119,7 @@ class LaFormerModel(PreTrainedMixin, nn.Module):
     """The decoder stack: token ids in, final normalised hidden states out."""
 
     base_model_prefix = ""
+    hf_architecture = "LlamaModel"
 
     def __init__(self, config: LaFormerConfig) -> None:
         super().__init__()
@@ -214,7 +215,8 @@ def default_position_ids(
 
 
 class LaFormerForCausalLM(PreTrainedMixin, nn.Module):
-    base_model_prefix = "model"
+    hf_architecture = "LlamaForCausalLM"
+    output_head = "lm_head"
 
     def __init__(self, config: LaFormerConfig) -> None:
         super().__init__()
@@ -279,7 +281,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class LaFormerForSequenceClassification(PreTrainedMixin, nn.Module):
     """Classifies a sequence from the hidden state of its last non-padding token."""
 
-    base_model_prefix = "model"
+    hf_architecture = "LlamaForSequenceClassification"
+    output_head = "score"
+    new_head_allowed = True  # fine-tuning starts from a causal LM's checkpoint, which has no classifier
 
     def __init__(self, config: LaFormerConfig) -> None:
         super().__init__()

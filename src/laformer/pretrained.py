@@ -19,16 +19,16 @@ from laformer.errors import CheckpointError, ConfigError
 
 T = TypeVar("T", bound="PreTrainedMixin")
 
-HF_ARCHITECTURES = {
-    "LaFormerModel": "LlamaModel",
-    "LaFormerForCausalLM": "LlamaForCausalLM",
-    "LaFormerForSequenceClassification": "LlamaForSequenceClassification",
-}
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class PreTrainedMixin:
-    base_model_prefix: str = "model"
+    """Each model class says where its decoder and its head sit in a checkpoint; subclasses inherit both."""
+
+    base_model_prefix: str = "model"  # the decoder's tensors are "<prefix>.layers..." ("" for the bare decoder)
+    hf_architecture: str  # the transformers class a saved folder loads as (config.json "architectures")
+    output_head: str | None = None  # the head's tensors are "<output_head>.weight" (or its quantized parts)
+    new_head_allowed: bool = False  # a checkpoint without this head (or with another label count) gets a fresh one
     config: LaFormerConfig
 
     @classmethod
@@ -108,28 +108,22 @@ class PreTrainedMixin:
     def _adapt_state_dict(
         cls, state: dict[str, torch.Tensor], config: LaFormerConfig, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
-        prefix = cls.base_model_prefix
+        """Hugging Face names -> this class's names; other classes' heads are dropped."""
+        prefix, head = cls.base_model_prefix, cls.output_head
         adapted: dict[str, torch.Tensor] = {}
         for name, tensor in state.items():
             body = name[len("model."):] if name.startswith("model.") else None
-            if prefix:
-                if body is not None:
-                    adapted[f"{prefix}.{body}"] = tensor
-                elif name.startswith(("lm_head.", "score.")):  # .weight, or a quantized head's .qweight/.scales
-                    adapted[name] = tensor
-            elif body is not None:
-                adapted[body] = tensor
-        if cls.__name__ == "LaFormerForSequenceClassification":
-            for name in [n for n in adapted if n.startswith("lm_head.")]:  # .weight, or a quantized head's parts
-                del adapted[name]
-            score = adapted.get("score.weight")
-            if score is None or score.shape[0] != config.num_labels:
-                head = torch.empty(config.num_labels, config.hidden_size, dtype=dtype)
-                adapted["score.weight"] = nn.init.normal_(head, std=config.initializer_range)
-        elif prefix:
-            adapted.pop("score.weight", None)
-            if config.tie_word_embeddings:
-                adapted.pop("lm_head.weight", None)
+            if body is not None:
+                adapted[f"{prefix}.{body}" if prefix else body] = tensor
+            elif head is not None and name.startswith(f"{head}."):  # .weight, or a quantized head's .qweight/.scales
+                adapted[name] = tensor
+        if cls.new_head_allowed:
+            weight = adapted.get(f"{head}.weight")
+            if weight is None or weight.shape[0] != config.num_labels:
+                fresh = torch.empty(config.num_labels, config.hidden_size, dtype=dtype)
+                adapted[f"{head}.weight"] = nn.init.normal_(fresh, std=config.initializer_range)
+        elif head is not None and config.tie_word_embeddings:
+            adapted.pop(f"{head}.weight", None)  # tied to the embedding
         return adapted
 
     def _assign_weights(self, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -160,7 +154,7 @@ class PreTrainedMixin:
         state = {name: t for name, t in self.state_dict().items()}
         if not self.base_model_prefix:
             state = {f"model.{name}": t for name, t in state.items()}
-        save_hf_folder(state, self.config, directory, HF_ARCHITECTURES[type(self).__name__])
+        save_hf_folder(state, self.config, directory, self.hf_architecture)
 
     def save_gguf(self, path: str | Path, type: str = "f16", tokenizer: Any = None) -> Path:
         """Write a GGUF file for llama.cpp/Ollama (``type``: f32, f16, bf16, q8_0, q4_0, q4_1); see docs/export.md."""

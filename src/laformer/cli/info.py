@@ -30,8 +30,6 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(model) -> list[tuple[str, str]]:
     """(label, value) rows describing ``model`` and the checkpoint it came from."""
-    from laformer.pretrained import HF_ARCHITECTURES
-
     config, info = model.config, getattr(model, "checkpoint_info", {})
     params = model.num_parameters()
     rope = f"theta {config.rope_theta:g}"
@@ -39,7 +37,7 @@ def describe(model) -> list[tuple[str, str]]:
         rope += ", scaling " + ", ".join(f"{k}={v}" for k, v in config.rope_scaling.items())
     rows = [
         ("checkpoint", f"{info['path']} ({info['format']})" if info else "(built in memory)"),
-        ("architecture", f"{HF_ARCHITECTURES[type(model).__name__]} (LLaMA)"),
+        ("architecture", f"{model.hf_architecture} (LLaMA)"),
         ("parameters", f"{params:,} ({params / 1e6:.1f}M)"),
         ("layers", str(config.num_hidden_layers)),
         ("hidden size", str(config.hidden_size)),

@@ -24,6 +24,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
 
 from laformer.errors import CheckpointError, ConfigError
+from laformer.model import LaFormerForSequenceClassification
 
 T = GGMLQuantizationType
 EXPORT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
@@ -96,17 +97,16 @@ def _check_output(path: Path) -> Path:
 
 
 def _check_exportable(model: torch.nn.Module) -> None:
-    kind = type(model).__name__
-    if kind == "LaFormerForSequenceClassification":
+    if isinstance(model, LaFormerForSequenceClassification):
         raise ConfigError("a sequence classifier is not a causal LM: llama.cpp would need its score head, which "
                           "GGUF's llama architecture has no place for; serve it with laformer (`laformer classify`) "
                           "or export the language model it was fine-tuned from")
     if not hasattr(model, "lm_head") or not hasattr(model, "decoder"):
-        raise ConfigError(f"{kind} has no language-model head; export a LaFormerForCausalLM")
+        raise ConfigError(f"{type(model).__name__} has no language-model head; export a LaFormerForCausalLM")
     peft = getattr(model, "peft_config", None)
     if peft is not None:
         hint = ("merge it first: model = laformer.peft.merge_and_unload(model)"
-                if type(peft).__name__ in ("LoraConfig", "AdaLoraConfig") else
+                if peft.peft_type in ("LORA", "ADALORA") else
                 f"{type(peft).__name__} adapters cannot be folded into the weights, so llama.cpp cannot run them; "
                 "fine-tune with LoRA to export")
         raise ConfigError(f"the model carries an unmerged adapter; {hint}")

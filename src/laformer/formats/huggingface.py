@@ -69,10 +69,9 @@ def save_hf_folder(
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # transformers re-ties it from the embedding
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    data = config.to_dict()
-    data["architectures"] = [architecture]
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    data["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    data = {"architectures": [architecture], **config.to_dict(),
+            "torch_dtype": str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"}
     if "quantization_config" in config.extra:  # also at the top level, where Hugging Face tools look for it
         data["quantization_config"] = config.extra["quantization_config"]
     (folder / "config.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from laformer.errors import CheckpointError, ConfigError
+from laformer.model import LaFormerForCausalLM, LaFormerForSequenceClassification
 from laformer.peft.adalora import AdaLoraConfig, SVDLinear
 from laformer.peft.adapters import AdapterConfig
 from laformer.peft.lora import LoraConfig
@@ -44,9 +45,10 @@ UNSUPPORTED_LORA = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": Fal
 
 
 def task_type(model: nn.Module) -> str:
-    name = type(model).__name__
-    return {"LaFormerForCausalLM": "CAUSAL_LM", "LaFormerForSequenceClassification": "SEQ_CLS"}.get(
-        name, "FEATURE_EXTRACTION")
+    """PEFT's name for what the model's head does (subclasses of laformer's models included)."""
+    if isinstance(model, LaFormerForCausalLM):
+        return "CAUSAL_LM"
+    return "SEQ_CLS" if isinstance(model, LaFormerForSequenceClassification) else "FEATURE_EXTRACTION"
 
 
 def file_type(config: PeftConfig) -> str:
