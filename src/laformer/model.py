@@ -324,12 +324,6 @@ class LaFormerForSequenceClassification(PreTrainedMixin, nn.Module):
             loss = F.cross_entropy(logits.float(), labels.to(logits.device))
         return SequenceClassifierOutput(logits, loss, out.hidden_states, pooled)
 
-    def classify(self, texts, tokenizer=None, **kwargs) -> list[dict]:
-        """``{"label", "score", "probabilities"}`` per text; see ``laformer.tasks.classify`` for the options."""
-        from laformer.tasks import classify
-
-        return classify(self, tokenizer, texts, **kwargs)
-
 
 def last_token_index(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
     """Index of each row's last real token, for left- or right-padded batches alike."""

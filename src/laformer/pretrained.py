@@ -7,6 +7,7 @@ assigns the tensors into a model built on the meta device, so no second copy of 
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
@@ -15,7 +16,9 @@ import torch
 from torch import nn
 
 from laformer.config import LaFormerConfig
+from laformer.embeddings import encode as embed
 from laformer.errors import CheckpointError, ConfigError
+from laformer.prune import apply_pruned_shapes
 
 T = TypeVar("T", bound="PreTrainedMixin")
 
@@ -70,16 +73,14 @@ class PreTrainedMixin:
     def _restore_structure(self, state: dict[str, torch.Tensor]) -> None:
         """Give a model built from its config the pruned shapes and quantized layers its checkpoint was saved with."""
         if "pruning" in self.config.extra:
-            from laformer.prune import apply_pruned_shapes
-
             apply_pruned_shapes(self)
         if "quantization_config" in self.config.extra:
-            from laformer.quantization import swap_for_state_dict
+            from laformer.quantization import swap_for_state_dict  # seconds to import (its kernels): only when used
 
             swap_for_state_dict(self, state)
 
     def _quantize(self, mode: str, group_size: int | None, checkpoint) -> None:
-        from laformer.quantization import is_quantized, quantize_model
+        from laformer.quantization import is_quantized, quantize_model  # seconds to import: only when used
 
         if is_quantized(self):
             raise ConfigError(
@@ -168,9 +169,7 @@ class PreTrainedMixin:
 
     def encode(self, texts, tokenizer, **kwargs) -> torch.Tensor:
         """Sentence embeddings (N, hidden); see ``laformer.embeddings.encode`` for the options."""
-        from laformer.embeddings import encode
-
-        return encode(self, tokenizer, texts, **kwargs)
+        return embed(self, tokenizer, texts, **kwargs)
 
 
 @contextmanager
@@ -199,8 +198,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def apply_overrides(config: LaFormerConfig, overrides: dict[str, Any]) -> LaFormerConfig:
-    import dataclasses
-
     if "num_labels" in overrides:
         num_labels = int(overrides.pop("num_labels"))
         overrides.setdefault("id2label", {i: f"LABEL_{i}" for i in range(num_labels)})

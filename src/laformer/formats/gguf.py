@@ -22,7 +22,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,10 +30,9 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from laformer.config import LaFormerConfig
 from laformer.errors import CheckpointError, ConfigError
+from laformer.formats.checkpoint import Checkpoint
 from laformer.formats.dequant import can_dequantize, dequantize
-
-if TYPE_CHECKING:
-    from laformer.formats import Checkpoint
+from laformer.rope import rope_inverse_frequencies
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -135,8 +134,6 @@ def read_gguf_tensors(path: str | Path) -> dict[str, GGUFTensorInfo]:
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """A GGUF file as a ``Checkpoint``: config plus dequantized, Hugging Face-named tensors of ``dtype``."""
-    from laformer.formats import Checkpoint
-
     path = Path(path)
     config, tensors = read_gguf(path)
     for info in tensors.values():
@@ -400,8 +397,6 @@ def llama3_scaling_from_divisors(
     value) and the other two are solved from the in-between divisors (or placed between the kept and divided
     frequencies when fewer than two lie in between). The result is checked against the divisors.
     """
-    from laformer.rope import rope_inverse_frequencies
-
     divisors = divisors.double().flatten()
     if divisors.numel() != head_dim // 2:
         raise CheckpointError(f"{ROPE_FREQS} in {path} has {divisors.numel()} values, expected head_dim/2 = "

@@ -12,6 +12,7 @@ exported as ``q4_1`` keeps every tensor byte for byte; everything else is quanti
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,10 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
 
 from laformer.errors import CheckpointError, ConfigError
+from laformer.formats.gguf import read_gguf_tensors
+from laformer.formats.gguf_vocab import tokenizer_metadata
 from laformer.model import LaFormerForSequenceClassification
+from laformer.rope import rope_inverse_frequencies
 
 T = GGMLQuantizationType
 EXPORT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
@@ -56,8 +60,6 @@ def save_gguf(model: torch.nn.Module, path: str | Path, type: str = "f16", token
     ``tokenizer`` defaults to the one of the checkpoint the model was loaded from. The file appears only once it
     is complete (written under a temporary name, then renamed), so a failure leaves no partial file behind.
     """
-    from laformer.formats.gguf_vocab import tokenizer_metadata
-
     qtype = export_type(type)
     path = _check_output(Path(path))
     _check_exportable(model)
@@ -262,10 +264,6 @@ def _float32(tensor: torch.Tensor) -> np.ndarray:
 
 def _rope_divisors(config) -> np.ndarray:
     """llama.cpp's ``rope_freqs``: per frequency, the unscaled rotation speed over the scaled one."""
-    import dataclasses
-
-    from laformer.rope import rope_inverse_frequencies
-
     plain = rope_inverse_frequencies(dataclasses.replace(config, rope_scaling=None)).double()
     return (plain / rope_inverse_frequencies(config).double()).float().numpy()
 
@@ -329,6 +327,4 @@ def _source_blocks(model: torch.nn.Module) -> dict[str, Any]:
     info = getattr(model, "checkpoint_info", None) or {}
     if info.get("format") != "gguf" or not Path(info.get("path", "")).is_file():
         return {}
-    from laformer.formats.gguf import read_gguf_tensors
-
     return read_gguf_tensors(info["path"])

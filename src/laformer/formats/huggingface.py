@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from laformer.config import LaFormerConfig
 from laformer.errors import CheckpointError
+from laformer.formats.checkpoint import Checkpoint
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,8 +40,6 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def load_hf_folder(folder: str | Path, dtype: torch.dtype = torch.float32):
     """Read config and weights, casting each tensor as it is read (one copy of the weights in memory)."""
-    from laformer.formats import Checkpoint
-
     folder = Path(folder)
     config = LaFormerConfig.load(folder)
     state_dict: dict[str, torch.Tensor] = {}
