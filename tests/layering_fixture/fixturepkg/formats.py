@@ -1,0 +1,3 @@
+"""A middle layer that imports only downward."""
+
+import fixturepkg.model  # noqa: F401
