@@ -107,7 +107,7 @@ class AMAConfig:
         return self.budget_slices - self.sink_slices - self.local_slices
 
     def describe(self) -> str:
-        """The budget the way the issue asks it reported: sinks + local window + selected slices x slice_len."""
+        """The budget as its parts: sinks + local window + selected slices x slice_len."""
         return (
             f"budget {self.budget} = sinks {self.sink_slices * self.slice_len} + local {self.local_tokens} + "
             f"{self.num_selected} selected x {self.slice_len}"

@@ -12,7 +12,8 @@ import sys
 
 from laformer.errors import LaFormerError
 
-SUBCOMMAND_MODULES = ("generate", "chat", "info", "convert", "finetune", "classify", "evaluate", "quantize", "prune", "serve", "export")
+SUBCOMMAND_MODULES = ("generate", "chat", "info", "convert", "finetune", "classify", "evaluate", "quantize", "prune",
+                      "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,13 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"laformer.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"laformer.cli.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"laformer.cli.{name}").register(subparsers)
     return parser
 
 

@@ -60,7 +60,7 @@ def add_attention_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ama-budget", type=int, default=1024, help="tokens attended exactly per query (default: 1024)")
     group.add_argument("--ama-slice-len", type=int, default=32, help="tokens per KV slice (default: 32)")
     group.add_argument("--ama-local-window", type=int, default=None,
-                       help="recent tokens always kept (default: 3/4 of the budget)")
+                       help="recent tokens always kept (default: half the budget, in whole slices)")
     group.add_argument("--ama-sink-slices", type=int, default=1, help="first slices always kept (default: 1)")
     group.add_argument("--ama-mediation", choices=("off", "estimate", "learned"), default="estimate",
                        help="how unselected slices still count (default: estimate)")
