@@ -67,7 +67,7 @@ def main() -> None:
                  best_of(args.repeat, lambda: [theirs.decode(i) for i in ids])))
     messages = [{"role": "user", "content": t} for t in texts[:200]]
     rows.append(("chat template x200 (s)",
-                 best_of(args.repeat, lambda: [ours.apply_chat_template([m], add_generation_prompt=True)
+                 best_of(args.repeat, lambda: [ours.apply_chat_template([m], add_generation_prompt=True, tokenize=False)
                                                for m in messages]),
                  best_of(args.repeat, lambda: [theirs.apply_chat_template([m], add_generation_prompt=True,
                                                                           tokenize=False) for m in messages])))

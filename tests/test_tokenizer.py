@@ -125,12 +125,13 @@ CONVERSATIONS = [
 def test_chat_template_matches_transformers(default_tokenizer, hf_gguf_reference, add_generation_prompt):
     _, hf = hf_gguf_reference
     for messages in CONVERSATIONS:
-        ours = default_tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        ours = default_tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=False)
         theirs = hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         assert ours == theirs
-        ids = default_tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                    tokenize=True)
+        ids = default_tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)  # tokenized
         assert ids == hf.encode(theirs, add_special_tokens=False)
+        assert ids == hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)["input_ids"]
     tensor = default_tokenizer.apply_chat_template(CONVERSATIONS[0], tokenize=True, return_tensors="pt")
     assert tensor.shape[0] == 1 and tensor.dtype == torch.long
 
@@ -143,7 +144,7 @@ def test_chat_template_features():
                 "{% endif %}{{ m | tojson }}{% break %}\n{% endfor %}{{ eos_token }}{{ extra }}"
                 "{{ strftime_now('%Y') | length }}")
     text = tok.apply_chat_template([{"role": "user", "content": "<&>"}, {"role": "user"}],
-                                   chat_template=template, extra="!")
+                                   chat_template=template, extra="!", tokenize=False)
     assert text == '{"role": "user", "content": "<&>"}</s>!4'
     with pytest.raises(TokenizerError, match="no bad role"):
         tok.apply_chat_template([{"role": "bad", "content": ""}], chat_template=template)
@@ -247,7 +248,7 @@ def test_save_load_round_trip_and_transformers_reads_it(default_tokenizer, tmp_p
     assert ours.chat_template == default_tokenizer.chat_template
     for messages in CONVERSATIONS:
         assert theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
-            ours.apply_chat_template(messages, add_generation_prompt=True)
+            ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def test_save_load_keeps_bos_for_transformers(spm, tmp_path):
@@ -283,8 +284,8 @@ def test_sentencepiece_gguf_matches_transformers(spm, spm_gguf):
             theirs(text).input_ids, skip_special_tokens=True)
     assert spm.convert_ids_to_tokens(spm.encode("é", add_special_tokens=False)) == ["▁", "<0xC3>", "<0xA9>"]
     messages = [{"role": "user", "content": "hi"}]
-    assert spm.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False) == \
-        "<s>[user] hi</s>"
+    rendered = spm.apply_chat_template(messages, tokenize=False)
+    assert rendered == theirs.apply_chat_template(messages, tokenize=False) == "<s>[user] hi</s>"
 
 
 def test_sentencepiece_without_space_prefix(tmp_path, write_gguf):

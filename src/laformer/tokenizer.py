@@ -523,12 +523,14 @@ class LaFormerTokenizer:
     # ---- chat
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False,
-                            tokenize: bool = False, return_tensors: str | None = None,
+                            tokenize: bool = True, return_tensors: str | None = None,
                             chat_template: str | None = None, **template_kwargs: Any) -> str | list[int] | torch.Tensor:
         """Render a conversation with the model's Jinja chat template (as transformers does).
 
-        Returns the prompt text, or with `tokenize=True` its ids (no bos/eos added: the template writes them),
-        as a (1, T) tensor when `return_tensors="pt"`. Extra keyword arguments reach the template.
+        Returns the prompt's ids (no bos/eos added: the template writes them), as a (1, T) tensor when
+        `return_tensors="pt"`, or with `tokenize=False` the prompt text; the default is Hugging Face's (transformers
+        5 wraps the ids in a dict, ``return_dict=True``; this returns them as they are).
+        Extra keyword arguments reach the template.
         """
         template = chat_template or self.chat_template
         if template is None:
