@@ -9,7 +9,7 @@ from _training_helpers import save_tiny_base, write_jsonl, write_sentiment_jsonl
 
 from laformer.cli import main
 from laformer.errors import LaFormerError
-from laformer.tasks import load_finetuned
+from laformer.tasks import classify, load_finetuned
 
 FAST = ["--no-progress", "--report-to", "--threads", "1"]
 
@@ -61,7 +61,7 @@ def test_finetune_then_classify_and_evaluate(base, data, tmp_path, capsys, metho
     assert json.loads((tmp_path / "m.json").read_text())["accuracy"] == pytest.approx(accuracy)
 
     model, tokenizer, _ = load_finetuned(out)
-    assert model.classify(["a great film"])[0]["label"] == "positive"
+    assert classify(model, None, ["a great film"])[0]["label"] == "positive"
 
 
 def test_finetune_other_methods_and_options(base, data, tmp_path):
@@ -71,7 +71,7 @@ def test_finetune_other_methods_and_options(base, data, tmp_path):
         assert main(["finetune", "--model", str(base), "--train", str(data / "train.jsonl"), "--output", str(out),
                      "--method", method, "--max-steps", "3", "--batch-size", "8", "--max-length", "16", *FAST, *extra]) == 0
         model, _, meta = load_finetuned(out)
-        assert meta["method"] == method and len(model.classify(["good movie"], max_length=16)) == 1
+        assert meta["method"] == method and len(classify(model, None, ["good movie"], max_length=16)) == 1
     out = tmp_path / "options"
     assert finetune(base, data, out, "--method", "lora", "--eda", "0.2", "--fgm", "0.5", "--bucket", "--dropout", "0.1",
                     "--save-steps", "12", "--scheduler", "plateau") == 0
