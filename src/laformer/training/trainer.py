@@ -398,16 +398,13 @@ class Trainer:
         if self.world_size > 1 and self.args.distributed == "fsdp":
             raise TrainingError("resuming an FSDP run is not supported (its optimiser state is sharded); "
                                 "resume with distributed='ddp' or start the run again")
-        if resume_from is True:
-            found = ckpt.list_checkpoints(self.checkpoint_dir)
-            if not found:
-                raise TrainingError(f"nothing to resume: no checkpoint in {self.checkpoint_dir}; train without --resume")
-            folder = found[-1]
+        if resume_from is True:  # the newest that loads: a half-written or corrupt last one falls back, warning
+            folder, objects, state = ckpt.load_latest_checkpoint(self.checkpoint_dir)
         else:
             folder = Path(resume_from)
             if not folder.is_dir():
                 raise TrainingError(f"checkpoint {folder} does not exist; pass a folder under {self.checkpoint_dir}")
-        objects, state = ckpt.load_checkpoint(folder)
+            objects, state = ckpt.load_checkpoint(folder)
         missing = {"model", "optimizer", "rng"} - set(objects)
         if missing:
             raise TrainingError(f"checkpoint {folder} lacks {sorted(missing)}; it is partial, resume from another one")
