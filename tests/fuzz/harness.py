@@ -126,14 +126,15 @@ def run_cases(indices: Iterable[int], campaign_seed: int, seeds: dict[str, Path]
                     index = todo.get_nowait()
                 except queue.Empty:
                     return
-                case = make_case(index, campaign_seed, seeds, work / "cases")
+                folder = work / "cases" / f"case-{index:06d}"  # only ever this folder is deleted
+                case = make_case(index, campaign_seed, seeds, folder)
                 outcome = worker.run(case, timeout)
                 if not worker.alive or outcome["outcome"] in ("hang", "crash"):
                     worker.close()
                     worker = Worker(seeds_file, memory_mb, work / f"worker-{slot}.log")
-                if keep is not None and outcome["outcome"] not in ACCEPTABLE:
-                    shutil.copytree(Path(case.path).parent, keep / Path(case.path).parent.name, dirs_exist_ok=True)
-                shutil.rmtree(Path(case.path).parent, ignore_errors=True)
+                if keep is not None and outcome["outcome"] not in ACCEPTABLE and folder.is_dir():
+                    shutil.copytree(folder, keep / folder.name, dirs_exist_ok=True)
+                shutil.rmtree(folder, ignore_errors=True)
                 with lock:
                     results.append((case, outcome))
         finally:

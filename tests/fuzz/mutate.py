@@ -30,11 +30,10 @@ class Case:
     path: str
 
 
-def make_case(index: int, campaign_seed: int, seeds: dict[str, Path], root: Path) -> Case:
+def make_case(index: int, campaign_seed: int, seeds: dict[str, Path], folder: Path) -> Case:
+    """Case ``index`` of the campaign, its input written into the new, empty ``folder``."""
     rng = random.Random(campaign_seed * 1_000_003 + index)
     category = CATEGORIES[index % len(CATEGORIES)]
-    folder = root / f"case-{index:06d}"
-    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     target, path, mutation = _MAKERS[category](rng, seeds, folder)
     return Case(index, category, mutation, target, str(path))

@@ -64,8 +64,8 @@ def _read_table(lines: Iterable[str], path: Path, data_format: str) -> list[dict
     try:
         return list(reader)
     except csv.Error as exc:  # e.g. a field over csv's 128 KiB limit
-        raise TrainingError(f"{path}, line {reader.line_num}: not valid {data_format.upper()} ({exc}); fix that line, "
-                            "or store long texts as JSONL") from exc
+        raise TrainingError(f"{path}: not valid {data_format.upper()} after line {reader.line_num} ({exc}); fix the "
+                            "next row, or store long texts as JSONL") from exc
 
 
 def column(records: list[dict[str, Any]], name: str, path: str | Path, option: str) -> list[Any]:
