@@ -41,6 +41,7 @@ from laformer.training.reporting import (
     classification_summary,
     plot_confusion_matrix,
     plot_training_curves,
+    require_train_extra,
     write_json,
 )
 from laformer.training.schedules import LRSchedule, build_optimizer
@@ -163,6 +164,7 @@ class Trainer:
     def train(self, resume_from: str | Path | bool | None = None) -> dict[str, Any]:
         """Train, evaluate, checkpoint; returns the final metrics (also written to ``metrics.json``)."""
         args = self.args
+        require_train_extra("the Trainer", args.report_to if self.is_main else [])
         seed_everything(args.seed)
         self.lengths = self._lengths(self.train_dataset)
         batches_per_epoch = len(self._batches(0))
