@@ -23,7 +23,7 @@ def read_json(path: Path, error: type[LaFormerError], expect: type = dict) -> An
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from exc
+        raise not_utf8(path, exc, error) from exc
     except json.JSONDecodeError as exc:
         raise error(f"{path} is not valid JSON ({exc}); fix or re-create it") from exc
     except RecursionError as exc:
@@ -31,6 +31,10 @@ def read_json(path: Path, error: type[LaFormerError], expect: type = dict) -> An
     if not isinstance(data, expect):
         raise error(f"{path} holds a JSON {type(data).__name__}, expected a {expect.__name__}; it is corrupt")
     return data
+
+
+def not_utf8(path: Path, exc: UnicodeDecodeError, error: type[LaFormerError]) -> LaFormerError:
+    return error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8")
 
 
 def check_field_types(obj: Any) -> None:

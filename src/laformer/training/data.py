@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from laformer.errors import TrainingError
+from laformer.validation import not_utf8
 
 IGNORE_INDEX = -100
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -36,7 +37,7 @@ def read_records(path: str | Path, data_format: str | None = None) -> list[dict[
         with path.open(encoding="utf-8", newline="") as f:
             records = _read_jsonl(f, path) if data_format == "jsonl" else _read_table(f, path, data_format)
     except UnicodeDecodeError as exc:
-        raise TrainingError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from exc
+        raise not_utf8(path, exc, TrainingError) from exc
     if not records:
         raise TrainingError(f"{path} holds no examples; the dataset is empty")
     return records
