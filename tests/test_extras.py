@@ -13,3 +13,86 @@ def test_missing_module_names_the_extra():
         require("laformer_no_such_module", "serve", "laformer serve")
     assert isinstance(info.value, LaFormerError)
     assert "laformer serve needs" in str(info.value)
+
+
+# ---- every command and public function that needs an extra says so (modules blocked in a subprocess) -------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from _training_helpers import save_tiny_base, write_sentiment_jsonl  # noqa: E402
+
+TRAIN_EXTRA = ("sklearn", "matplotlib", "tensorboard")
+SERVE_EXTRA = ("fastapi", "uvicorn", "sse_starlette")
+TRAIN_MESSAGE = 'pip install "laformer[train]"'
+
+
+def run_without(modules, code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter in which importing any of ``modules`` fails, as if not installed."""
+    block = f"import sys\nfor name in {list(modules)!r}:\n    sys.modules[name] = None\n"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(Path(__file__).parent)]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", block + code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def cli_without(modules, *argv) -> subprocess.CompletedProcess:
+    return run_without(modules, f"from laformer.cli import main\nsys.exit(main({[str(a) for a in argv]!r}))")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("extras")
+    return save_tiny_base(folder / "base"), write_sentiment_jsonl(folder / "train.jsonl", 16)
+
+
+def test_every_command_parses_without_any_optional_extra():
+    from laformer.cli import SUBCOMMAND_MODULES
+
+    code = "from laformer.cli import build_parser\nparser = build_parser()\n" + "".join(
+        f"try:\n    parser.parse_args([{name!r}, '--help'])\nexcept SystemExit:\n    pass\n" for name in SUBCOMMAND_MODULES)
+    done = run_without(TRAIN_EXTRA + SERVE_EXTRA, code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("missing", ["sklearn", "matplotlib", "tensorboard"])
+def test_finetune_without_the_train_extra_names_the_pip_install_before_training(tiny, tmp_path, missing):
+    base, train = tiny
+    report = ["--report-to", "tensorboard"] if missing == "tensorboard" else ["--report-to"]
+    done = cli_without([missing], "finetune", "--model", base, "--train", train, "--output", tmp_path / "out",
+                       "--max-steps", "2", "--batch-size", "4", "--no-progress", "--threads", "1", *report)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert TRAIN_MESSAGE in done.stderr and f"'{missing}" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()  # it failed before the first step
+
+
+def test_public_functions_that_need_the_train_extra_name_it(tiny):
+    base, train = tiny
+    code = f"""
+from laformer import LaFormerForSequenceClassification
+from laformer.extras import MissingExtraError
+from laformer.tasks import evaluate_classifier
+from laformer.tokenizer import LaFormerTokenizer
+from laformer.training.reporting import Reporter, classification_summary, plot_training_curves
+calls = [lambda: evaluate_classifier(LaFormerForSequenceClassification.from_pretrained({str(base)!r}),
+                                     LaFormerTokenizer.from_pretrained({str(base)!r}), {str(train)!r}),
+         lambda: classification_summary([0], [0], ["a"]), lambda: plot_training_curves([], "x.png"),
+         lambda: Reporter(".", ["tensorboard"], None, {{}})]
+for call in calls:
+    try:
+        call()
+    except MissingExtraError as exc:
+        assert 'pip install "laformer[train]"' in str(exc), exc
+    else:
+        raise SystemExit("no MissingExtraError")
+"""
+    done = run_without(TRAIN_EXTRA, code)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_core_commands_work_without_the_train_extra(tiny):
+    base, _ = tiny
+    done = cli_without(TRAIN_EXTRA + SERVE_EXTRA, "generate", "good", "--model", base, "--max-new-tokens", "2")
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from laformer.errors import ConfigError
+from laformer.validation import check_field_types, check_finite, check_positive, read_json
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclass
@@ -40,6 +43,10 @@ class LaFormerConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # config.json may hold any JSON type in any field
+        check_positive(self, SIZES)
+        check_finite(self, ("rms_norm_eps", "rope_theta"))
+        check_finite(self, ("initializer_range",), positive=False)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -63,10 +70,14 @@ class LaFormerConfig:
                     f"rope_scaling type {rope_type!r} is not supported; use one of {SUPPORTED_ROPE_TYPES}"
                 )
         if self.id2label is not None:
+            if not all(str(k).lstrip("-").isdigit() for k in self.id2label):
+                raise ConfigError(f"id2label keys must be class ids (integers), got {sorted(map(str, self.id2label))[:5]}")
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             if self.label2id is None:
                 self.label2id = {v: k for k, v in self.id2label.items()}
         if self.label2id is not None:
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in self.label2id.values()):
+                raise ConfigError(f"label2id values must be class ids (integers), got {list(self.label2id.values())[:5]}")
             self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
             if self.id2label is None:
                 self.id2label = {v: k for k, v in self.label2id.items()}
@@ -107,14 +118,16 @@ class LaFormerConfig:
             raise ConfigError("checkpoints with attention or MLP biases are not supported")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names and k != "extra"}
-        kwargs["extra"] = dict(data.get("laformer", {}))
+        kwargs["extra"] = data.get("laformer", {})
         rope_params = data.get("rope_parameters")  # transformers >= 5 spelling
+        if rope_params is not None and not isinstance(rope_params, dict):
+            raise ConfigError(f"rope_parameters must be an object, got {rope_params!r}")
         if rope_params and "rope_theta" not in data:
             kwargs["rope_theta"] = rope_params.get("rope_theta", cls.rope_theta)
         if rope_params and kwargs.get("rope_scaling") is None:
             if rope_params.get("rope_type", "default") != "default":
                 kwargs["rope_scaling"] = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-        if kwargs.get("rope_scaling") and kwargs["rope_scaling"].get("rope_type", kwargs["rope_scaling"].get("type")) == "default":
+        if isinstance(kwargs.get("rope_scaling"), dict) and kwargs["rope_scaling"].get("rope_type", kwargs["rope_scaling"].get("type")) == "default":
             kwargs["rope_scaling"] = None
         return cls(**kwargs)
 
@@ -123,9 +136,8 @@ class LaFormerConfig:
         path = Path(directory) / "config.json"
         if not path.is_file():
             raise ConfigError(f"no config.json in {directory}; a Hugging Face model folder needs one")
+        data = read_json(path, ConfigError)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-        except TypeError as exc:
-            raise ConfigError(f"{path} has an invalid field: {exc}") from exc
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc

@@ -225,8 +225,9 @@ def evaluate_classifier(
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, the classification report and confusion matrix on a labelled file."""
     from laformer.training.data import encode_labels, load_classification_data
-    from laformer.training.reporting import classification_summary
+    from laformer.training.reporting import classification_summary, require_train_extra
 
+    require_train_extra("evaluate_classifier")
     texts, labels = load_classification_data(data_path, text_column, label_column)
     label2id = {name: i for i, name in model.config.id2label.items()} if model.config.id2label else {}
     truth = encode_labels(labels, {str(k): v for k, v in label2id.items()}, data_path)

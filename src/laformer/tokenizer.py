@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from laformer.errors import CheckpointError, TokenizerError
 from laformer.formats.gguf import read_gguf_metadata
 from laformer.formats.registry import resolve
+from laformer.validation import read_json
 
 # --------------------------------------------------------------------------------------------------------------------
 # Building a `tokenizers.Tokenizer` from GGUF metadata, in the shape of the model's own tokenizer.json
@@ -312,6 +313,7 @@ class LaFormerTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise TokenizerError(f"{file} is not a valid tokenizer.json ({e}); re-save it from its source") from e
         config = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        _check_config_types(config, folder)
         template = config.get("chat_template")
         if (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -556,10 +558,28 @@ class LaFormerTokenizer:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e}); fix or delete it") from e
+    return read_json(path, TokenizerError)
+
+
+def _check_config_types(config: dict[str, Any], folder: Path) -> None:
+    """The tokenizer_config.json fields we read, each of the JSON type transformers writes."""
+    def fits(name: str, value: Any) -> bool:
+        if name.startswith("add_"):
+            return value is None or isinstance(value, bool)
+        if name.endswith("_token"):
+            return value is None or isinstance(value, str) or isinstance(value, dict) and isinstance(value.get("content"), str)
+        if name == "chat_template":
+            return value is None or isinstance(value, str) or isinstance(value, list) and all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value)
+        if name == "model_max_length":
+            return value is None or isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        return value in ("left", "right")
+
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token", "add_eos_token", "chat_template",
+                 "model_max_length", "padding_side"):
+        if name in config and not fits(name, config[name]):
+            raise TokenizerError(f"{folder}: tokenizer_config.json has {name}={config[name]!r}, which is not a valid "
+                                 "value for that field; fix it or re-save the tokenizer")
 
 
 def _token_content(token: str | dict | None) -> str | None:

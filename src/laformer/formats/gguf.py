@@ -201,8 +201,49 @@ def _parse_header(buf: mmap.mmap, path: Path, decode_strings: bool = True) -> _H
         raise CheckpointError(
             f"the header of {path} is corrupt or truncated ({type(exc).__name__}: {exc}); re-download or re-convert it"
         ) from exc
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    _check_metadata_types(metadata, path)
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if alignment <= 0:
+        raise CheckpointError(f"{path} has general.alignment={alignment}; the file is corrupt")
     return _Header(metadata, tensors, -(-offset // alignment) * alignment)
+
+
+_INT, _REAL = "an integer", "a number"
+_METADATA_TYPES = {
+    **{f"llama.{k}": _INT for k in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                                    "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                                    "rope.dimension_count", "vocab_size", "expert_count")},
+    **{f"llama.{k}": _REAL for k in ("rope.freq_base", "attention.layer_norm_rms_epsilon", "rope.scaling.factor")},
+    **{k: "a string" for k in ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                                "tokenizer.chat_template", "llama.rope.scaling.type")},
+    **{f"tokenizer.ggml.{k}": "a boolean" for k in ("add_bos_token", "add_eos_token", "add_space_prefix")},
+    **{f"tokenizer.ggml.{k}": "a string array" for k in ("tokens", "merges")},
+    **{f"tokenizer.ggml.{k}": "a numeric array" for k in ("scores", "token_type")},
+    "general.alignment": _INT,
+}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _REAL:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "a string":
+        return isinstance(value, str)
+    if kind == "a boolean":
+        return isinstance(value, bool)
+    if kind == "a string array":
+        return isinstance(value, list) and all(v is None or isinstance(v, str) for v in value)
+    return isinstance(value, np.ndarray) and value.dtype.kind in "iuf"
+
+
+def _check_metadata_types(metadata: dict[str, Any], path: Path) -> None:
+    """Known keys must hold the type llama.cpp writes: a flipped type byte must not reach ``int()`` or ``tokens[i]``."""
+    for key, value in metadata.items():
+        kind = _INT if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") else _METADATA_TYPES.get(key)
+        if kind is not None and not _fits(value, kind):
+            raise CheckpointError(f"{path}: metadata key {key!r} must be {kind}, got {type(value).__name__}; the file "
+                                  "is corrupt or was written by a broken converter")
 
 
 def _read_string(buf: mmap.mmap, offset: int) -> tuple[str, int]:
@@ -262,6 +303,9 @@ def _raw_tensors(
                 "the installed `gguf` package (try `pip install -U gguf`)"
             ) from None
         block_size, type_size = GGML_QUANT_SIZES[qtype]
+        if not dims or 0 in dims:
+            raise CheckpointError(f"tensor {name!r} in {path} has dimensions {list(dims)}; a weight needs at least one "
+                                  "dimension and no empty ones, so the file is corrupt")
         if dims[0] % block_size:
             raise CheckpointError(
                 f"tensor {name!r} in {path} has rows of {dims[0]} values, not a multiple of the {qtype.name} block "

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from laformer.config import LaFormerConfig
 from laformer.errors import CheckpointError
 from laformer.formats.checkpoint import Checkpoint
+from laformer.validation import read_json
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -21,10 +22,12 @@ QUANTIZATION_SCALES = (".scales", ".mins")
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
+        weight_map = read_json(index, CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and name and Path(name).name == name for name in weight_map.values()
+        ):
+            raise CheckpointError(f"{index} is not a valid safetensors index: its weight_map must map tensor names to "
+                                  "file names in the same folder; re-save the model")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
     elif (folder / WEIGHTS_NAME).is_file():
         files = [folder / WEIGHTS_NAME]

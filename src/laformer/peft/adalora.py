@@ -28,6 +28,7 @@ from laformer.peft.targets import (
     parameters_under,
     replace_module,
 )
+from laformer.validation import check_field_types
 
 
 @dataclass
@@ -59,6 +60,7 @@ class AdaLoraConfig:
     peft_type = "ADALORA"
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # adapter_config.json may hold any JSON type in any field
         if self.init_r <= 0 or not 0 < self.target_r <= self.init_r:
             raise ConfigError(
                 f"AdaLoRA needs 0 < target_r <= init_r, got target_r={self.target_r}, init_r={self.init_r}"

@@ -18,6 +18,7 @@ from torch import nn
 from laformer.errors import ConfigError
 from laformer.model import RMSNorm
 from laformer.peft.targets import find_modules_to_save, find_targets, parameters_under, replace_module
+from laformer.validation import check_field_types
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -36,6 +37,7 @@ class AdapterConfig:
     peft_type = "BOTTLENECK"
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # adapter_config.json may hold any JSON type in any field
         if not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
             raise ConfigError(f"adapter bottleneck must be a positive integer, got {self.bottleneck!r}")
         if self.activation not in ACTIVATIONS:

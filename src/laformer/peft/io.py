@@ -28,6 +28,7 @@ from laformer.peft.adapters import AdapterConfig
 from laformer.peft.lora import LoraConfig
 from laformer.peft.prefix import PrefixConfig
 from laformer.peft.tuner import PeftConfig, get_peft_model, unload
+from laformer.validation import read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -73,7 +74,7 @@ def config_to_dict(config: PeftConfig, model: nn.Module) -> dict[str, Any]:
 
 def config_from_dict(data: dict[str, Any], source: Path) -> PeftConfig:
     peft_type = data.get("peft_type")
-    if peft_type not in FILE_TYPES:
+    if not isinstance(peft_type, str) or peft_type not in FILE_TYPES:
         raise ConfigError(
             f"{source} has peft_type {peft_type!r}; laformer loads {sorted(FILE_TYPES)} (PEFT's LoRA and AdaLoRA "
             "plus laformer's own bottleneck and prefix formats)"
@@ -123,10 +124,7 @@ def _read_config_json(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {directory}; save the adapter with save_adapter (or PEFT)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    return read_json(path, CheckpointError)
 
 
 def read_adapter_config(directory: str | Path) -> PeftConfig:
@@ -151,6 +149,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}; the file is corrupt or truncated") from exc
+    _check_sizes(config, tensors, directory)
     current = getattr(model, "peft_config", None)
     if current is not None and type(current) is not type(config):
         raise ConfigError(f"the model already has a {current.peft_type} adapter but {directory} holds "
@@ -164,6 +163,20 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             unload(model)  # leave the model as it was given
         raise
     return model
+
+
+def _check_sizes(config: PeftConfig, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Every size in the config is some dimension of a saved tensor, so one larger than all of them is corrupt;
+    refusing it here keeps a config claiming r=10**12 from allocating the adapter before its shapes are checked."""
+    largest = max((max(t.shape, default=1) for t in tensors.values()), default=0)
+    sizes = ["r", "init_r", "target_r", "bottleneck", "num_virtual_tokens"]
+    if getattr(config, "prefix_projection", False):
+        sizes.append("encoder_hidden_size")
+    for name in sizes:
+        value = getattr(config, name, None)
+        if value is not None and value > largest:
+            raise CheckpointError(f"{source / CONFIG_NAME} says {name}={value}, but no tensor in {WEIGHTS_NAME} has a "
+                                  f"dimension that large (the largest is {largest}); the adapter folder is corrupt")
 
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path, base: str | None) -> None:

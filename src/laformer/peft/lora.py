@@ -23,6 +23,7 @@ from laformer.peft.targets import (
     parameters_under,
     replace_module,
 )
+from laformer.validation import check_field_types
 
 BIAS_MODES = ("none", "lora_only", "all")
 
@@ -48,6 +49,7 @@ class LoraConfig:
     peft_type = "LORA"
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # adapter_config.json may hold any JSON type in any field
         if not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:

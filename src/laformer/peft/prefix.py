@@ -24,6 +24,7 @@ from laformer.cache import KVCache
 from laformer.config import LaFormerConfig
 from laformer.errors import ConfigError
 from laformer.peft.targets import find_modules_to_save, parameters_under
+from laformer.validation import check_field_types
 
 
 @dataclass
@@ -39,6 +40,7 @@ class PrefixConfig:
     peft_type = "PREFIX_TUNING"
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # adapter_config.json may hold any JSON type in any field
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0:
             raise ConfigError(f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
         if self.encoder_hidden_size <= 0:

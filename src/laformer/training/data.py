@@ -11,12 +11,13 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from laformer.errors import TrainingError
+from laformer.validation import not_utf8
 
 IGNORE_INDEX = -100
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -32,26 +33,40 @@ def read_records(path: str | Path, data_format: str | None = None) -> list[dict[
         raise TrainingError(
             f"cannot tell the format of {path} from its suffix; use .jsonl, .csv or .tsv or pass the format explicitly"
         )
-    with path.open(encoding="utf-8", newline="") as f:
-        if data_format == "jsonl":
-            records = []
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TrainingError(
-                        f"{path}, line {lineno}: not valid JSON ({exc.msg}); fix or remove that line"
-                    ) from exc
-                if not isinstance(record, dict):
-                    raise TrainingError(f"{path}, line {lineno}: expected a JSON object per line, got {type(record).__name__}")
-                records.append(record)
-        else:
-            records = list(csv.DictReader(f, delimiter="," if data_format == "csv" else "\t"))
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            records = _read_jsonl(f, path) if data_format == "jsonl" else _read_table(f, path, data_format)
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, TrainingError) from exc
     if not records:
         raise TrainingError(f"{path} holds no examples; the dataset is empty")
     return records
+
+
+def _read_jsonl(lines: Iterable[str], path: Path) -> list[dict[str, Any]]:
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TrainingError(f"{path}, line {lineno}: not valid JSON ({exc.msg}); fix or remove that line") from exc
+        except RecursionError as exc:
+            raise TrainingError(f"{path}, line {lineno}: JSON nested too deeply to read; fix or remove that line") from exc
+        if not isinstance(record, dict):
+            raise TrainingError(f"{path}, line {lineno}: expected a JSON object per line, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def _read_table(lines: Iterable[str], path: Path, data_format: str) -> list[dict[str, Any]]:
+    reader = csv.DictReader(lines, delimiter="," if data_format == "csv" else "\t")
+    try:
+        return list(reader)
+    except csv.Error as exc:  # e.g. a field over csv's 128 KiB limit
+        raise TrainingError(f"{path}: not valid {data_format.upper()} after line {reader.line_num} ({exc}); fix the "
+                            "next row, or store long texts as JSONL") from exc
 
 
 def column(records: list[dict[str, Any]], name: str, path: str | Path, option: str) -> list[Any]:
@@ -61,7 +76,7 @@ def column(records: list[dict[str, Any]], name: str, path: str | Path, option: s
         value = record.get(name)
         if value is None:
             raise TrainingError(
-                f"{path}: example {row} has no {name!r} column (it has {sorted(record)}); "
+                f"{path}: example {row} has no {name!r} column (it has {sorted(map(str, record))}); "
                 f"choose the right column with {option}"
             )
         values.append(value)
@@ -164,14 +179,17 @@ def load_instruction_data(path: str | Path, data_format: str | None = None) -> l
     for row, record in enumerate(read_records(path, data_format), 1):
         if "messages" in record:
             messages = record["messages"]
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            ):
                 raise TrainingError(f"{path}: example {row} 'messages' must be a list of {{'role','content'}} objects")
         elif "prompt" in record and "response" in record:
             messages = [{"role": "user", "content": str(record["prompt"])},
                         {"role": "assistant", "content": str(record["response"])}]
         else:
             raise TrainingError(
-                f"{path}: example {row} has neither 'messages' nor 'prompt' and 'response' (it has {sorted(record)}); "
+                f"{path}: example {row} has neither 'messages' nor 'prompt' and 'response' (it has {sorted(map(str, record))}); "
                 "instruction data needs one of those shapes"
             )
         if not any(m["role"] == "assistant" for m in messages):

@@ -8,6 +8,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from laformer.errors import TrainingError
+from laformer.extras import require
+
+
+def require_train_extra(purpose: str, report_to: Sequence[str] = ()) -> None:
+    """Check for the ``train`` extra before any work, so a missing one fails at the start, not after an epoch."""
+    require("sklearn.metrics", "train", f"{purpose} (accuracy, F1 and the classification report)")
+    require("matplotlib", "train", f"{purpose} (its plots)")
+    if "tensorboard" in report_to:
+        require("tensorboard", "train", f"{purpose} with report_to=['tensorboard']")
 
 
 class Reporter:
@@ -19,6 +28,7 @@ class Reporter:
         self.writer = None
         self.wandb_run = None
         if "tensorboard" in report_to:
+            require("tensorboard", "train", "report_to=['tensorboard']")
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output_dir / "runs"))
@@ -47,22 +57,26 @@ class Reporter:
 
 def classification_summary(labels: Sequence[int], preds: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro-F1, sklearn's text report and the confusion matrix."""
-    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-
+    metrics = require("sklearn.metrics", "train", "classification metrics")
     ids = list(range(len(names)))
     return {
-        "accuracy": float(accuracy_score(labels, preds)),
-        "macro_f1": float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
-        "report": classification_report(labels, preds, labels=ids, target_names=list(names), digits=4, zero_division=0),
-        "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist(),
+        "accuracy": float(metrics.accuracy_score(labels, preds)),
+        "macro_f1": float(metrics.f1_score(labels, preds, labels=ids, average="macro", zero_division=0)),
+        "report": metrics.classification_report(labels, preds, labels=ids, target_names=list(names), digits=4,
+                                                zero_division=0),
+        "confusion_matrix": metrics.confusion_matrix(labels, preds, labels=ids).tolist(),
     }
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _pyplot():
+    require("matplotlib", "train", "training plots").use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str | Path) -> None:
+    plt = _pyplot()
 
     size = max(4.0, 0.35 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -81,10 +95,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], names: Sequence[str],
 
 
 def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     for key, ax in (("train/loss", ax_loss), ("eval/loss", ax_loss), ("eval/accuracy", ax_metric), ("train/lr", None)):

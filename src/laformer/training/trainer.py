@@ -41,6 +41,7 @@ from laformer.training.reporting import (
     classification_summary,
     plot_confusion_matrix,
     plot_training_curves,
+    require_train_extra,
     write_json,
 )
 from laformer.training.schedules import LRSchedule, build_optimizer
@@ -163,6 +164,7 @@ class Trainer:
     def train(self, resume_from: str | Path | bool | None = None) -> dict[str, Any]:
         """Train, evaluate, checkpoint; returns the final metrics (also written to ``metrics.json``)."""
         args = self.args
+        require_train_extra("the Trainer", args.report_to if self.is_main else [])
         seed_everything(args.seed)
         self.lengths = self._lengths(self.train_dataset)
         batches_per_epoch = len(self._batches(0))
@@ -398,16 +400,13 @@ class Trainer:
         if self.world_size > 1 and self.args.distributed == "fsdp":
             raise TrainingError("resuming an FSDP run is not supported (its optimiser state is sharded); "
                                 "resume with distributed='ddp' or start the run again")
-        if resume_from is True:
-            found = ckpt.list_checkpoints(self.checkpoint_dir)
-            if not found:
-                raise TrainingError(f"nothing to resume: no checkpoint in {self.checkpoint_dir}; train without --resume")
-            folder = found[-1]
+        if resume_from is True:  # the newest that loads: a half-written or corrupt last one falls back, warning
+            folder, objects, state = ckpt.load_latest_checkpoint(self.checkpoint_dir)
         else:
             folder = Path(resume_from)
             if not folder.is_dir():
                 raise TrainingError(f"checkpoint {folder} does not exist; pass a folder under {self.checkpoint_dir}")
-        objects, state = ckpt.load_checkpoint(folder)
+            objects, state = ckpt.load_checkpoint(folder)
         missing = {"model", "optimizer", "rng"} - set(objects)
         if missing:
             raise TrainingError(f"checkpoint {folder} lacks {sorted(missing)}; it is partial, resume from another one")
