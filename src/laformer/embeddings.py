@@ -31,16 +31,49 @@ def encode(
     if not texts:
         return torch.empty(0, decoder.config.hidden_size)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    device = decoder.embed_tokens.weight.device
     pooled = []
     for start in range(0, len(texts), batch_size):
         chunk = [texts[i] for i in order[start: start + batch_size]]
         batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", truncation=True,
                           max_length=max_length)
-        mask = batch.attention_mask.to(device)
-        hidden = decoder(batch.input_ids.to(device), attention_mask=mask).last_hidden_state.float()  # (B, T, D)
-        weights = mask.unsqueeze(-1).float()
-        pooled.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0))
-    embeddings = torch.empty(len(texts), pooled[0].shape[-1])
+        pooled.append(_mean_pool(decoder, batch.input_ids, batch.attention_mask))
+    return _in_input_order(pooled, order, normalize)
+
+
+@torch.no_grad()
+def encode_ids(
+    model: torch.nn.Module, ids: Sequence[Sequence[int]], batch_size: int = 16, normalize: bool = True
+) -> torch.Tensor:
+    """Embed inputs that are already token ids (lists of ints, e.g. what an OpenAI client sends) as ``encode``
+    embeds texts."""
+    if batch_size < 1 or any(not row for row in ids):
+        raise ConfigError("encode_ids needs batch_size >= 1 and non-empty id lists")
+    decoder = model.decoder
+    if not ids:
+        return torch.empty(0, decoder.config.hidden_size)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    pooled = []
+    for start in range(0, len(ids), batch_size):
+        chunk = [ids[i] for i in order[start: start + batch_size]]
+        width = max(len(row) for row in chunk)
+        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for r, row in enumerate(chunk):  # left padding, as encode's tokenizer call
+            input_ids[r, width - len(row):] = torch.tensor(row)
+            mask[r, width - len(row):] = 1
+        pooled.append(_mean_pool(decoder, input_ids, mask))
+    return _in_input_order(pooled, order, normalize)
+
+
+def _mean_pool(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    device = decoder.embed_tokens.weight.device
+    mask = attention_mask.to(device)
+    hidden = decoder(input_ids.to(device), attention_mask=mask).last_hidden_state.float()  # (B, T, D)
+    weights = mask.unsqueeze(-1).float()
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def _in_input_order(pooled: list[torch.Tensor], order: list[int], normalize: bool) -> torch.Tensor:
+    embeddings = torch.empty(len(order), pooled[0].shape[-1])
     embeddings[order] = torch.cat(pooled).cpu()
     return F.normalize(embeddings, dim=-1) if normalize else embeddings
