@@ -40,6 +40,12 @@ def running_server(served, api_key: str | None = None):
 
 
 @pytest.fixture(scope="session")
+def start_server():
+    """``running_server`` for fixtures that serve a model of their own."""
+    return running_server
+
+
+@pytest.fixture(scope="session")
 def small_lm(default_gguf_path):
     """The default model's first 4 layers: its real tokenizer and chat template, a fraction of the compute."""
     from laformer import LaFormerForCausalLM, LaFormerTokenizer

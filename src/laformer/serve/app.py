@@ -32,6 +32,7 @@ from laformer.serve.served import ServedModel  # noqa: E402
 PUBLIC_PATHS = ("/health", "/metrics")  # probes and scrapers need no key
 KNOWN_PATHS = PUBLIC_PATHS + ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                               "/v1/classify")
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}  # pydantic's names for union members
 log = logging.getLogger("laformer.serve")
 
 
@@ -151,16 +152,28 @@ def _authorized(header: str | None, api_key: str) -> bool:
 
 
 def _validation_error(exc) -> APIError:
-    """pydantic's first complaint, with the field it is about (``messages.0.role``)."""
+    """pydantic's first complaint, with the field it is about in OpenAI's spelling (``messages[0].role``)."""
     first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON ({first.get('msg')}); send a JSON object",
                         "invalid_json")
-    field = ".".join(location) or None
+    field = _param(first.get("loc", ()))
     what = f"{field}: " if field else ""
     return APIError(400, f"invalid request: {what}{first.get('msg')} (got {first.get('input')!r:.200})",
                     "invalid_request", field)
+
+
+def _param(location: tuple) -> str | None:
+    """``("body", "messages", 0, "role")`` -> ``messages[0].role``; stops at a union member's tag (``str``)."""
+    param = ""
+    for part in location[1:] if location[:1] == ("body",) else location:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part.isidentifier() and part not in UNION_TAGS:
+            param += f".{part}" if param else part
+        else:
+            break
+    return param or None
 
 
 def _model_card(served: ServedModel) -> dict:
