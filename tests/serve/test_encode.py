@@ -6,7 +6,7 @@ import httpx
 import pytest
 import torch
 
-from _training_helpers import tiny_classifier, tiny_tokenizer
+from _training_helpers import save_tiny_base, write_sentiment_jsonl
 
 TEXTS = ["the cat sat on the mat", "a completely different sentence about finance", "hi"]
 
@@ -54,17 +54,17 @@ def test_classify_is_refused_for_a_causal_lm(small_server):
 
 @pytest.fixture(scope="module")
 def classifier_server(tmp_path_factory, start_server):
-    """A tiny classifier saved as `laformer finetune --task classification` saves one, served from its folder."""
-    from laformer import LaFormerTokenizer
+    """A tiny base fine-tuned by `laformer finetune --task classification --method lora`, served from its folder."""
+    from laformer.cli import main
     from laformer.serve import load_served
-    from laformer.tasks import save_finetuned
 
     folder = tmp_path_factory.mktemp("classifier")
-    tokenizer = LaFormerTokenizer(tiny_tokenizer(), unk_token="[UNK]", pad_token="[PAD]")
-    save_finetuned(tiny_classifier(seed=3), tokenizer, folder, {
-        "task": "classification", "method": "full", "base_model": "tiny", "labels": ["negative", "positive"],
-        "max_length": 16})
-    served = load_served(str(folder), name="sentiment")
+    data = write_sentiment_jsonl(folder / "train.jsonl", 64)
+    base = save_tiny_base(folder / "base")
+    assert main(["finetune", "--model", str(base), "--train", str(data), "--output", str(folder / "out"),
+                 "--max-steps", "12", "--batch-size", "8", "--lr", "2e-2", "--max-length", "16", "--no-progress",
+                 "--report-to", "--threads", "1"]) == 0
+    served = load_served(str(folder / "out"), name="sentiment")
     with start_server(served) as url:
         yield url, served
 
