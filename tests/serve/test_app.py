@@ -66,7 +66,7 @@ def test_health_models_and_metrics(small_server, client):
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert int(samples['laformer_requests_total{path="/v1/chat/completions",status="200"}']) >= 1
     assert int(samples["laformer_completion_tokens_total"]) >= 2
-    assert int(samples["laformer_batch_rows"]) == served.scheduler.max_batch
+    assert 1 <= int(samples["laformer_batch_rows"]) <= served.scheduler.max_batch
     for name in ("laformer_queue_depth", "laformer_running_requests", "laformer_tokens_per_second"):
         assert float(samples[name]) >= 0
 

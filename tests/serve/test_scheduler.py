@@ -36,6 +36,16 @@ def test_concurrent_streams_share_steps_and_each_equals_its_solo_text(client, sm
     assert scheduler.steps - steps < generated / 2  # rows decoded together, not one request at a time
 
 
+def test_the_batch_follows_the_load(client, small_server):
+    scheduler = small_server[1].scheduler
+    client.chat.completions.create(model="small", messages=chat("hi"), max_tokens=2, temperature=0)
+    assert scheduler.batch == 1  # a lone request decodes in a one-row batch
+    client.chat.completions.create(model="small", messages=chat("hi"), max_tokens=2, temperature=0, n=3)
+    assert scheduler.batch == 4
+    client.chat.completions.create(model="small", messages=chat("hi"), max_tokens=2, temperature=0)
+    assert scheduler.batch == 1
+
+
 def test_more_choices_than_rows_and_queue_is_a_429(client, small_server):
     openai = pytest.importorskip("openai")
     scheduler = small_server[1].scheduler

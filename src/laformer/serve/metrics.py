@@ -45,7 +45,8 @@ class Metrics:
             values += [
                 ("queue_depth", "gauge", "Requests waiting for a batch row.", scheduler.waiting),
                 ("running_requests", "gauge", "Requests decoding in the batch now.", scheduler.running),
-                ("batch_rows", "gauge", "Rows of the continuous batch.", scheduler.max_batch),
+                ("batch_rows", "gauge", "Rows of the continuous batch now (it follows the load).", scheduler.batch),
+                ("batch_resizes_total", "counter", "Times the batch grew or shrank.", scheduler.resizes),
                 ("decode_steps_total", "counter", "Batched decode steps run.", scheduler.steps),
                 ("generated_tokens_total", "counter", "Tokens generated, all rows.", scheduler.generated_tokens),
                 ("prefix_cached_tokens_total", "counter", "Prompt tokens served from the prefix cache.",

@@ -1,12 +1,17 @@
 """Continuous batching over the decode engine: requests join a running batch and leave it as they finish.
 
-One thread owns a ``DecodeEngine`` with a fixed cache of ``max_batch`` rows of ``max_length`` tokens and loops:
+One thread owns a ``DecodeEngine`` with a cache of up to ``max_batch`` rows of ``max_length`` tokens and loops:
 start waiting requests in free rows (``prefill_row``), then advance every row by one token in a single ``decode``
 call. A new request so waits for one step, not for the batch to drain, and a finished or cancelled row is free at
 the next step. A finished row keeps its keys (it idles on its last token) until its row is needed or full, so the
 next turn of a chat, whose prompt starts with this turn's prompt and reply, prefills only the new message (the
 engine copies the longest held prefix). Requests beyond ``max_batch + max_queue`` are refused at once
 (``QueueFull``) instead of waiting without bound.
+
+A step costs about as much for an empty row as for a busy one (a lone request at 8 rows ran at half its speed at
+1 row), so the batch has as many rows as there are requests, in powers of two: it grows as soon as more arrive and
+shrinks once they fall to a quarter of the rows (not at once, so it does not flap), re-prefilling the running rows'
+tokens into the resized cache (``_resize``).
 
 Attention that reads each row's keys as one sequence (AMA) cannot refill rows; such a model runs one request at
 a time (``max_batch`` 1) through the engine's batch-1 ``prefill``, which keeps the prefix cache too.
@@ -155,16 +160,15 @@ class Scheduler:
                  max_queue: int = 64) -> None:
         self.engine = DecodeEngine(model, max_length=min(max_length, model.config.max_position_embeddings))
         self.max_length = self.engine.max_length
-        self.max_batch = 1 if self.engine.contiguous_keys else max_batch
+        self.lockstep = self.engine.contiguous_keys  # AMA: one request at a time, through batch-1 prefill
+        self.max_batch = 1 if self.lockstep else max_batch
         self.max_queue = max_queue
         self.tokenizer = tokenizer
         self.eos_ids = set(model.config.eos_token_ids)
-        self.engine.reset(self.max_batch, self.max_length)
-        self._rows: list[Job | None] = [None] * self.max_batch
-        self._slot = [0] * self.max_batch  # the column each row writes next
-        self._idle: dict[int, int] = {}  # finished rows still holding their keys -> when they finished
-        self._released = set(range(self.max_batch))  # rows parked at column 0, holding nothing
-        self._tokens = torch.zeros(self.max_batch, dtype=torch.long)
+        self._sizes = sorted({min(2 ** k, self.max_batch) for k in range(self.max_batch.bit_length() + 1)})
+        self.batch = 0  # rows of the engine's cache now
+        self.resizes = 0
+        self._resize(1)
         self._waiting: deque[Job] = deque()
         self._clock = itertools.count()
         self._wakeup = threading.Condition()
@@ -210,8 +214,11 @@ class Scheduler:
                     self._wakeup.wait()
                 if self._closed:
                     break
-                starting = [self._waiting.popleft() for _ in range(min(len(self._waiting), self._free_rows()))]
+                demand = self.running + len(self._waiting)
             try:
+                self._fit(demand)
+                with self._wakeup:
+                    starting = [self._waiting.popleft() for _ in range(min(len(self._waiting), self._free_rows()))]
                 for job in starting:
                     self._start(job)
                 if self.running:
@@ -231,13 +238,14 @@ class Scheduler:
         self._idle.pop(row, None)
         self._rows[row] = job  # before prefilling: a failure there reaches this job too
         prompt = torch.tensor(job.prompt)
-        if self.max_batch == 1:
+        if self.lockstep:
             logits = self.engine.prefill(prompt[None], max_new_tokens=job.sampling.max_tokens)
         else:
             logits = self.engine.prefill_row(row, prompt)
         job.cached_tokens = self.engine.prefix_reused
         self.cached_tokens += job.cached_tokens
         self._slot[row] = len(job.prompt)
+        self._fed[row] = list(job.prompt)
         self._advance(row, job, logits[0], int(logits[0].argmax()))
 
     def _step(self) -> None:
@@ -245,11 +253,13 @@ class Scheduler:
             if row in self._idle and slot >= self.max_length:
                 del self._idle[row]
                 self._release(row)
+        fed = self._tokens.tolist()
         logits = self.engine.decode(self._tokens)
         self.steps += 1
-        for row in range(self.max_batch):
+        for row in range(self.batch):
             if row not in self._released:
                 self._slot[row] += 1
+                self._fed[row].append(fed[row])
         greedy = logits.argmax(-1).tolist()
         for row, job in enumerate(self._rows):
             if job is not None:
@@ -274,16 +284,38 @@ class Scheduler:
         self._released.add(row)
         self._slot[row] = 0
         self._tokens[row] = 0
+        self._fed[row] = []
+
+    def _fit(self, demand: int) -> None:
+        """Grow the batch to hold ``demand`` requests at once; shrink it once they fit a quarter of it."""
+        target = next(size for size in self._sizes if size >= min(demand, self.max_batch))
+        if target > self.batch or target * 4 <= self.batch:
+            self._resize(target)
+
+    def _resize(self, rows: int) -> None:
+        """A cache of ``rows`` rows; running requests move to its first rows with their tokens re-prefilled (the
+        finished rows' keys, the prefix cache, are dropped)."""
+        survivors = [(job, self._fed[row], int(self._tokens[row])) for row, job in enumerate(self._rows[:self.batch])
+                     if job is not None] if self.batch else []
+        self.engine.reset(rows, self.max_length)
+        self.batch, self.resizes = rows, self.resizes + 1
+        self._rows: list[Job | None] = [None] * rows
+        self._slot = [0] * rows  # the column each row writes next
+        self._fed: list[list[int]] = [[] for _ in range(rows)]  # the tokens whose keys each row holds
+        self._idle: dict[int, int] = {}  # finished rows still holding their keys -> when they finished
+        self._released = set(range(rows))  # rows parked at column 0, holding nothing
+        self._tokens = torch.zeros(rows, dtype=torch.long)  # what each row is fed at the next step
+        for row, (job, fed, token) in enumerate(survivors):
+            self._released.discard(row)
+            if not self.lockstep:
+                self.engine.prefill_row(row, torch.tensor(fed))
+            self._rows[row], self._slot[row], self._fed[row], self._tokens[row] = job, len(fed), fed, token
 
     def _recover(self, exc: Exception) -> None:
         error = exc if isinstance(exc, LaFormerError) else SchedulerClosed(
             f"generation failed ({type(exc).__name__}: {exc}); the request was dropped, please retry")
         self._fail_all(error, waiting=False)
-        self.engine.reset(self.max_batch, self.max_length)
-        self._idle.clear()
-        self._released = set(range(self.max_batch))
-        self._slot = [0] * self.max_batch
-        self._tokens.zero_()
+        self._resize(self.batch)
 
     def _fail_all(self, error: LaFormerError, waiting: bool = True) -> None:
         jobs = [job for job in self._rows if job is not None]
@@ -291,6 +323,6 @@ class Scheduler:
             with self._wakeup:
                 jobs += list(self._waiting)
                 self._waiting.clear()
-        self._rows = [None] * self.max_batch
+        self._rows = [None] * self.batch
         for job in jobs:
             job.emit(Failed(error))
