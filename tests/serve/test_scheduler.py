@@ -72,3 +72,18 @@ def test_a_client_that_disconnects_frees_its_row(small_server):
         time.sleep(0.01)
     assert scheduler.running == 0
     assert scheduler.generated_tokens - tokens < 200
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(client, small_server, monkeypatch):
+    openai = pytest.importorskip("openai")
+    engine = small_server[1].scheduler.engine
+
+    def broken(tokens):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(engine, "decode", broken)
+    with pytest.raises(openai.InternalServerError, match="simulated kernel failure"):
+        client.chat.completions.create(model="small", messages=chat("hi"), max_tokens=4, temperature=0)
+    monkeypatch.undo()
+    reply = client.chat.completions.create(model="small", messages=chat("hi"), max_tokens=4, temperature=0)
+    assert reply.usage.completion_tokens == 4

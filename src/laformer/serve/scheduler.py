@@ -305,11 +305,11 @@ class Scheduler:
         self._idle: dict[int, int] = {}  # finished rows still holding their keys -> when they finished
         self._released = set(range(rows))  # rows parked at column 0, holding nothing
         self._tokens = torch.zeros(rows, dtype=torch.long)  # what each row is fed at the next step
-        for row, (job, fed, token) in enumerate(survivors):
+        for row, (job, fed, token) in enumerate(survivors):  # all placed first: a failure below reaches them all
             self._released.discard(row)
-            if not self.lockstep:
-                self.engine.prefill_row(row, torch.tensor(fed))
             self._rows[row], self._slot[row], self._fed[row], self._tokens[row] = job, len(fed), fed, token
+        for row, (_, fed, _) in enumerate(survivors):
+            self.engine.prefill_row(row, torch.tensor(fed))
 
     def _recover(self, exc: Exception) -> None:
         error = exc if isinstance(exc, LaFormerError) else SchedulerClosed(
