@@ -87,3 +87,32 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(client, small_
     monkeypatch.undo()
     reply = client.chat.completions.create(model="small", messages=chat("hi"), max_tokens=4, temperature=0)
     assert reply.usage.completion_tokens == 4
+
+
+def test_sparse_attention_serves_one_request_at_a_time_with_the_same_text(small_lm):
+    import copy
+    import threading
+
+    import torch
+
+    from laformer.ama import AMAConfig
+    from laformer.serve.scheduler import Failed, Finished, Job, Piece, Sampling, Scheduler
+
+    model, tokenizer = small_lm
+    model = copy.deepcopy(model)
+    model.decoder.set_attention(AMAConfig(budget=64, slice_len=16))
+    scheduler = Scheduler(model, tokenizer, max_batch=4, max_length=128)
+    try:
+        assert scheduler.max_batch == 1
+        ids = tokenizer.encode("Hello there, how are you today?")
+        events, done = [], threading.Event()
+        job = Job(ids, Sampling(max_tokens=8), lambda e: (events.append(e), isinstance(e, (Finished, Failed))
+                                                          and done.set()), tokenizer, scheduler.eos_ids)
+        scheduler.submit([job])
+        assert done.wait(60)
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=8)[0, len(ids):].tolist()
+        assert "".join(e.text for e in events if isinstance(e, Piece)) == tokenizer.decode(expected,
+                                                                                            skip_special_tokens=True)
+        assert isinstance(events[-1], Finished) and events[-1].completion_tokens == 8
+    finally:
+        scheduler.close()
