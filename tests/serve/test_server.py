@@ -10,7 +10,6 @@ import time
 import httpx
 import pytest
 import torch
-
 from _training_helpers import save_tiny_base, tiny_causal_lm
 
 

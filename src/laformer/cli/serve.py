@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from laformer.serve import load_served, run as serve
+    from laformer.serve import load_served
+    from laformer.serve import run as serve
 
     served = load_served(args.model, adapter=args.adapter, dtype=args.dtype, quantize=args.quantize,
                          attention=common.attention_config(args), name=args.model_name, max_batch=args.max_batch,

@@ -14,20 +14,19 @@ from laformer.extras import require
 
 require("fastapi", "serve", "laformer serve")
 
-from fastapi import FastAPI  # noqa: E402 - after the check that names the missing extra
-from fastapi.exceptions import RequestValidationError  # noqa: E402
-from starlette.datastructures import Headers  # noqa: E402
-from starlette.exceptions import HTTPException  # noqa: E402
-from starlette.requests import Request  # noqa: E402
-from starlette.responses import JSONResponse, PlainTextResponse, Response  # noqa: E402
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from laformer.errors import LaFormerError  # noqa: E402
-from laformer.serve import completions, encode  # noqa: E402
-from laformer.serve.errors import APIError  # noqa: E402
-from laformer.serve.metrics import Metrics  # noqa: E402
-from laformer.serve.protocol import (  # noqa: E402
-    ChatCompletionRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest)
-from laformer.serve.served import ServedModel  # noqa: E402
+from laformer.errors import LaFormerError
+from laformer.serve import completions, encode
+from laformer.serve.errors import APIError
+from laformer.serve.metrics import Metrics
+from laformer.serve.protocol import ChatCompletionRequest, ClassifyRequest, CompletionRequest, EmbeddingRequest
+from laformer.serve.served import ServedModel
 
 PUBLIC_PATHS = ("/health", "/metrics")  # probes and scrapers need no key
 KNOWN_PATHS = PUBLIC_PATHS + ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
@@ -142,7 +141,7 @@ class Gate:
             else:
                 await self.app(scope, receive, send_and_record)
         finally:
-            route = path if path in KNOWN_PATHS or path.startswith("/v1/models/") else "other"
+            route = "/v1/models/{id}" if path.startswith("/v1/models/") else path if path in KNOWN_PATHS else "other"
             self.metrics.count_request(route, status[0] if status else 500)
 
 

@@ -66,9 +66,7 @@ def completion_prompts(served: ServedModel, request: CompletionRequest) -> list[
     if request.best_of not in (None, 1, request.n):
         raise unsupported("best_of", "ranking candidates by likelihood is not implemented; use n")
     prompt = request.prompt
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
+    if isinstance(prompt, str) or prompt and all(isinstance(p, int) for p in prompt):
         prompts = [prompt]
     else:
         prompts = list(prompt)

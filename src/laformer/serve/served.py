@@ -29,7 +29,7 @@ class ServedModel:
 
     @classmethod
     def start(cls, name: str, model: nn.Module, tokenizer, *, task: str = CAUSAL_LM, max_batch: int = 8,
-              max_length: int = 2048, max_queue: int = 64, classify_max_length: int | None = None) -> "ServedModel":
+              max_length: int = 2048, max_queue: int = 64, classify_max_length: int | None = None) -> ServedModel:
         """Serve ``model``; a causal LM gets its scheduler thread (``close`` stops it)."""
         max_length = min(max_length, model.config.max_position_embeddings)
         scheduler = None
