@@ -169,6 +169,7 @@ class Scheduler:
         self.batch = 0  # rows of the engine's cache now
         self.resizes = 0
         self._resize(1)
+        self._warm_up()
         self._waiting: deque[Job] = deque()
         self._clock = itertools.count()
         self._wakeup = threading.Condition()
@@ -285,6 +286,18 @@ class Scheduler:
         self._slot[row] = 0
         self._tokens[row] = 0
         self._fed[row] = []
+
+    def _warm_up(self) -> None:
+        """One prefill and one step before the first request, which would otherwise pay for the first calls'
+        set-up (seconds for quantized weights)."""
+        token = torch.tensor([next(iter(self.eos_ids), 0)])
+        if self.lockstep:
+            self.engine.prefill(token[None])
+        else:
+            self.engine.prefill_row(0, token)
+        self.engine.decode(self._tokens)
+        self._resize(1)
+        self.resizes = 0
 
     def _fit(self, demand: int) -> None:
         """Grow the batch to hold ``demand`` requests at once; shrink it once they fit a quarter of it."""
