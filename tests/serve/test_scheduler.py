@@ -38,12 +38,15 @@ def test_concurrent_streams_share_steps_and_each_equals_its_solo_text(client, sm
 
 def test_the_batch_follows_the_load(client, small_server):
     scheduler = small_server[1].scheduler
-    client.chat.completions.create(model="small", messages=chat("hi"), max_tokens=2, temperature=0)
-    assert scheduler.batch == 1  # a lone request decodes in a one-row batch
-    client.chat.completions.create(model="small", messages=chat("hi"), max_tokens=2, temperature=0, n=3)
-    assert scheduler.batch == 4
-    client.chat.completions.create(model="small", messages=chat("hi"), max_tokens=2, temperature=0)
-    assert scheduler.batch == 1
+
+    def rows_after(n: int) -> int:
+        client.chat.completions.create(model="small", messages=chat("hi"), max_tokens=2, temperature=0, n=n)
+        return scheduler.batch
+
+    assert rows_after(3) == 4  # three requests at once: the next power of two
+    assert rows_after(1) == 1  # a lone request decodes in a one-row batch
+    assert rows_after(2) == 2
+    assert rows_after(1) == 2  # shrinking waits until the load fits a quarter of the rows: no flapping
 
 
 def test_more_choices_than_rows_and_queue_is_a_429(client, small_server):
