@@ -13,7 +13,7 @@ import sys
 from laformer.errors import LaFormerError
 
 SUBCOMMAND_MODULES = ("generate", "chat", "info", "convert", "finetune", "classify", "evaluate", "quantize", "prune",
-                      "export")
+                      "export", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
