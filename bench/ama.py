@@ -111,7 +111,7 @@ def decode_speed(model, context: int, methods: list[str], steps: int, rounds: in
     context -= SLICE - 1
     for layer in range(cfg.num_hidden_layers):
         shape = (1, cfg.num_key_value_heads, context, cfg.head_dim)
-        cache.update(layer, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+        cache.update(torch.randn(shape, generator=g), torch.randn(shape, generator=g), layer)
     token = torch.tensor([[42]])
     totals = {m: [0.0, 0.0] for m in methods}  # whole step, attention
     for _ in range(rounds):
@@ -139,7 +139,7 @@ def kernel_speed(model, context: int, methods: list[str], repeats: int = 20) -> 
     q = torch.randn(1, cfg.num_attention_heads, 1, cfg.head_dim, generator=g)
     cache = SlicedKVCache(1, SLICE)
     shape = (1, cfg.num_key_value_heads, context, cfg.head_dim)
-    k, v = cache.update(0, torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    k, v = cache.update(torch.randn(shape, generator=g), torch.randn(shape, generator=g), 0)
     results = {}
     for method in methods:
         config = METHODS[method]

@@ -12,6 +12,14 @@ interleaved, and the table prints ratios. Two comparisons:
    with transformers + peft. The padded loop's steps all have the same shape, so it is timed over
    ``--pass-probe`` steps and scaled to the full pass (said so in the table).
 
+3. ``--task classification --dataset NAME``: the recipe. ``laformer finetune --task classification`` at its
+   defaults (or ``--sides laformer:best`` ...) against transformers + peft (LoRA r=8 alpha 16 on q/v, AdamW lr 3e-4,
+   batch 16, linear decay: the Trainer's defaults, dynamic padding to 128 tokens at most), the same number of
+   epochs, on the same training subset. laformer selects its checkpoint on a dev slice of the *train* split
+   (disjoint from the training subset); both sides are scored on the same validation subset: accuracy and
+   macro-F1, wall time (load, train, score) and peak RSS.
+
+    python bench/finetune.py --task classification --dataset sst2 --train-examples 800 --eval 400
     python bench/finetune.py                 # ~15 minutes on 2 cores
     python bench/finetune.py --steps 8 --eval 128 --pass-examples 400 --pass-probe 4   # a quick look
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -30,7 +39,9 @@ from pathlib import Path
 
 import torch
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = DATA_ROOT / "sst2"
+DATASETS = ("sst2", "financial_phrasebank", "chnsenticorp", "banking77", "ag_news")
 BATCH, LENGTH, LR, RANK, ALPHA = 8, 128, 1e-3, 8, 16
 LABELS = ["negative", "positive"]
 
@@ -177,6 +188,132 @@ def padded_pass(args, texts, labels) -> dict:
             "probe_steps": timed, "peak_rss_gb": peak_rss_gb()}
 
 
+# -- the recipe comparison (--task classification) -------------------------------------------------------
+
+PEER_EPOCHS_FROM = "default"
+
+
+def dataset_subsets(args: argparse.Namespace, folder: Path) -> list[str]:
+    """Train / dev / validation subsets of ``args.dataset`` (shuffled with seed 0) as JSONL files; the label names."""
+    import random
+
+    def rows(split: str) -> list[dict]:
+        found = [json.loads(line) for line in (DATA_ROOT / args.dataset / f"{split}.jsonl").open()]
+        random.Random(0).shuffle(found)
+        return found
+
+    train = rows("train")
+    subsets = {"train": train[: args.train_examples], "dev": train[args.train_examples : args.train_examples + args.dev],
+               "validation": rows("validation")[: args.eval]}
+    for name, part in subsets.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
+    return sorted({r["label"] for r in train})
+
+
+def laformer_recipe(args: argparse.Namespace) -> dict:
+    """``laformer finetune`` as a user types it (preset, nothing else), then its folder scored on validation."""
+    from laformer.cli import main as cli
+    from laformer.tasks import evaluate_classifier, load_finetuned
+
+    data, preset = Path(args.folder), args.side.partition(":")[2] or "default"
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        command = ["finetune", "--task", "classification", "--model", str(data / "model"),
+                   "--train", str(data / "train.jsonl"), "--validation", str(data / "dev.jsonl"), "--output", out,
+                   "--preset", preset, "--no-progress", "--report-to", "--threads", str(args.threads),
+                   *args.laformer_args.split()]
+        if cli(command):
+            raise SystemExit("laformer finetune failed")
+        meta_metrics = json.loads((Path(out) / "metrics.json").read_text())
+        model, tokenizer, meta = load_finetuned(out)
+        scores = evaluate_classifier(model, tokenizer, data / "validation.jsonl", max_length=meta["max_length"])
+    return {"seconds": time.perf_counter() - start, "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
+            "epochs": meta_metrics["epoch"], "steps": meta_metrics["step"], "stopped_early": meta_metrics["stopped_early"],
+            "max_length": meta["max_length"], "peak_rss_gb": peak_rss_gb()}
+
+
+def peer_recipe(args: argparse.Namespace, labels: list[str]) -> dict:
+    """transformers + peft as its documentation shows it: LoRA r=8 q/v, AdamW 3e-4, linear decay, batch 16."""
+    import peft
+    from sklearn.metrics import accuracy_score, f1_score
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+    from transformers import get_linear_schedule_with_warmup
+
+    data = Path(args.folder)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(data / "model")
+    tokenizer.pad_token_id = 2
+
+    def encoded(split: str) -> list[dict]:
+        rows = [json.loads(line) for line in (data / f"{split}.jsonl").open()]
+        enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=LENGTH)
+        return [{"input_ids": ids, "labels": labels.index(r["label"])} for ids, r in zip(enc["input_ids"], rows)]
+
+    model = AutoModelForSequenceClassification.from_pretrained(data / "model", num_labels=len(labels), dtype=torch.float32)
+    model.config.pad_token_id = 2
+    model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=RANK, lora_alpha=ALPHA,
+                                                       target_modules=["q_proj", "v_proj"]))
+    collate = DataCollatorWithPadding(tokenizer)
+    loader = DataLoader(encoded("train"), batch_size=16, shuffle=True, collate_fn=collate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    epochs = math.ceil(args.epochs)
+    schedule = get_linear_schedule_with_warmup(optimizer, 0, epochs * len(loader))
+    model.train()
+    for _ in range(epochs):
+        for batch in loader:
+            model(**batch).loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    preds, truth = [], []
+    with torch.no_grad():
+        for batch in DataLoader(encoded("validation"), batch_size=32, collate_fn=collate):
+            preds += model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1).tolist()
+            truth += batch["labels"].tolist()
+    return {"seconds": time.perf_counter() - start, "accuracy": float(accuracy_score(truth, preds)),
+            "macro_f1": float(f1_score(truth, preds, labels=list(range(len(labels))), average="macro", zero_division=0)),
+            "epochs": epochs, "steps": epochs * len(loader), "peak_rss_gb": peak_rss_gb()}
+
+
+def classification_bench(args: argparse.Namespace) -> None:
+    from laformer import LaFormerForCausalLM
+    from laformer.tokenizer import LaFormerTokenizer
+    from laformer.training.recipes import get_preset
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+    epochs = get_preset(PEER_EPOCHS_FROM).epochs
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        labels = dataset_subsets(args, folder)
+        LaFormerForCausalLM.from_pretrained("smollm2-135m-instruct").save_pretrained(folder / "model")
+        LaFormerTokenizer.from_pretrained("smollm2-135m-instruct").save_pretrained(folder / "model")
+        results = {}
+        for side in args.sides:
+            command = [sys.executable, __file__, "--task", "classification", "--dataset", args.dataset, "--worker-side",
+                       side, "--folder", str(folder), "--threads", str(args.threads), "--epochs", str(epochs),
+                       "--laformer-args", args.laformer_args]
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode:
+                raise SystemExit(f"{side} failed:\n{done.stderr[-4000:]}")
+            results[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"  {side:16s} {json.dumps(results[side])}", flush=True)
+    print(f"\n{args.dataset}: {len(labels)} labels, {args.train_examples} train / {args.dev} dev (laformer's checkpoint "
+          f"choice) / {args.eval} validation examples, {args.threads} threads, torch {torch.__version__}"
+          + (f", laformer flags: {args.laformer_args}" if args.laformer_args else ""))
+    print("| side | epochs (steps) | val accuracy | val macro-F1 | wall (s) | peak RSS (GB) | wall / peer |")
+    print("|---|---|---|---|---|---|---|")
+    peer = results.get("transformers")
+    for side, r in results.items():
+        ratio = f"{r['seconds'] / peer['seconds']:.2f}x" if peer else "-"
+        print(f"| {side} | {r['epochs']} ({r['steps']}) | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['seconds']:.0f} "
+              f"| {r['peak_rss_gb']:.2f} | {ratio} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"dataset": args.dataset, "train_examples": args.train_examples,
+                                               "eval": args.eval, "results": results}, indent=2))
+
+
 # -- the driver --------------------------------------------------------------------------------------------
 
 def prepare(folder: Path) -> None:
@@ -232,7 +369,26 @@ def main() -> None:
     parser.add_argument("--mode", choices=("right", "left", "pass"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="also write the results here")
+    recipe = parser.add_argument_group("the recipe comparison")
+    recipe.add_argument("--task", choices=("speed", "classification"), default="speed")
+    recipe.add_argument("--dataset", choices=DATASETS, default="sst2")
+    recipe.add_argument("--train-examples", type=int, default=800)
+    recipe.add_argument("--dev", type=int, default=200, help="train-split examples laformer selects its checkpoint on")
+    recipe.add_argument("--sides", nargs="+", default=["transformers", "laformer"],
+                        help="transformers, laformer (the default preset) or laformer:PRESET")
+    recipe.add_argument("--laformer-args", default="", help="extra `laformer finetune` flags (for sweeps)")
+    recipe.add_argument("--worker-side", help=argparse.SUPPRESS)
+    recipe.add_argument("--epochs", type=float, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.task == "classification":
+        if args.worker_side:
+            args.side = args.worker_side
+            torch.set_num_threads(args.threads)
+            labels = sorted({json.loads(line)["label"] for line in (DATA_ROOT / args.dataset / "train.jsonl").open()})
+            print(json.dumps(peer_recipe(args, labels) if args.side == "transformers" else laformer_recipe(args)))
+        else:
+            classification_bench(args)
+        return
     if args.worker:
         args.side = args.worker
         print(json.dumps(worker(args)))

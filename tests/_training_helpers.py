@@ -57,3 +57,28 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def write_sentiment_jsonl(path: Path, n: int, seed: int = 0) -> Path:
     texts, labels = sentiment_examples(n, seed)
     return write_jsonl(path, [{"text": t, "label": y} for t, y in zip(texts, labels)])
+
+
+def save_tiny_base(folder: Path) -> Path:
+    """A tiny causal LM saved as a Hugging Face folder with its tokenizer: what ``--model`` points at."""
+    from laformer.tokenizer import LaFormerTokenizer
+
+    tiny_causal_lm().save_pretrained(folder)
+    LaFormerTokenizer(tiny_tokenizer(), unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    return folder
+
+
+def run_two_processes(worker_source: str, out: Path) -> None:
+    """Run ``worker_source`` under torchrun with 2 gloo processes (1 thread each), ``out`` as its argument."""
+    import os
+    import subprocess
+    import sys
+
+    out.mkdir()
+    script = out.parent / f"{out.name}_worker.py"
+    script.write_text(worker_source)
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

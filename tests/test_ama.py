@@ -50,7 +50,7 @@ def random_qkv(B=2, H=4, Hkv=2, T=70, S=70, D=16, seed=0):
 def test_sparse_kernels_equal_full_attention_when_every_slice_fits(mediation, query_len):
     q, k, v = random_qkv(T=query_len)
     ama = backend(slice_len=8, budget=80, local_window=16, mediation=mediation)
-    summaries = update_summaries(None, k, v, None, 8, score="scan")
+    summaries = update_summaries(None, 0, k, v, None, 8, score="scan")
     if query_len == 1:
         out = ama._decode(q, k, v, None, summaries, 0, None)
     else:
@@ -319,7 +319,7 @@ def test_fused_decode_with_padding_in_a_batch(mediation, score):
 def test_fused_decode_with_every_slice_in_budget_is_full_attention():
     q, k, v = random_qkv(T=1, S=70)
     cfg = AMAConfig(slice_len=8, budget=80, local_window=16)
-    summaries = update_summaries(None, k, v, None, 8, score="scan")
+    summaries = update_summaries(None, 0, k, v, None, 8, score="scan")
     out = kernel.decode(q, k, v, None, summaries, kernel.settings(cfg))  # the kernel, not the shortcut
     torch.testing.assert_close(out, sdpa_attention(q, k, v, None), atol=1e-5, rtol=1e-5)
 
@@ -392,15 +392,15 @@ def test_incremental_summaries_match_a_rebuild_and_survive_crop(tiny_model):
             tiny_model(ids[:, :45], past_key_values=cache, use_cache=True)
             for t in range(45, 60):
                 tiny_model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            state = cache.layer_state[1]["ama_summaries"]
+            state = cache.layer_state[1]
             fresh = summarize(cache.keys[1], cache.values[1], None, 8, 0, 7, score="scan")
             assert state.key_codes is not None  # the default score scans a 4-bit key copy
             for a, b in zip(state.fields(), fresh.fields()):
                 torch.testing.assert_close(a, b)
             cache.crop(50)
-            assert cache.layer_state[1] == {}
+            assert cache.layer_state[1] is None
             logits = tiny_model(ids[:, 50:51], past_key_values=cache, use_cache=True).logits
-            assert cache.layer_state[1]["ama_summaries"].num_slices == 6 and torch.isfinite(logits).all()
+            assert cache.layer_state[1].num_slices == 6 and torch.isfinite(logits).all()
     finally:
         tiny_model.decoder.set_attention(None)
 
@@ -426,7 +426,7 @@ def test_gather_slices_reads_the_same_blocks_from_any_layout():
     sel = torch.randint(0, 4, (2, 3, 2))
     blocks = k[:, :, :32].unflatten(2, (4, 8))
     expected = blocks[torch.arange(2)[:, None, None], torch.arange(3)[None, :, None], sel]
-    sliced, _ = SlicedKVCache(1, slice_len=8).update(0, k, k)
+    sliced, _ = SlicedKVCache(1, slice_len=8).update(k, k, 0)
     for x in (k, k[:, :, :37], sliced):  # whole-slice layout, per-row fallback, a sliced cache's view
         torch.testing.assert_close(gather_slices((x,), sel, 8)[0], expected)
 

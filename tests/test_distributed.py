@@ -3,14 +3,10 @@ same global batch (each rank scores half of the validation set; the shares are g
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
-from _training_helpers import sentiment_examples, tiny_classifier, tiny_tokenizer
+from _training_helpers import run_two_processes, sentiment_examples, tiny_classifier, tiny_tokenizer
 
 from laformer.training import ClassificationDataset, Trainer, TrainingArguments, build_label_map
 
@@ -44,15 +40,7 @@ def train(output_dir: str, per_process_batch: int):
 
 
 def test_two_process_ddp_equals_single_process(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(script), str(tmp_path / "ddp")]
-    (tmp_path / "ddp").mkdir()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_two_processes(WORKER, tmp_path / "ddp")
     distributed = torch.load(tmp_path / "ddp" / "weights.pt")
 
     threads = torch.get_num_threads()

@@ -104,7 +104,8 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     trainer = Trainer(accumulated, args(tmp_path / "b", max_steps=1, batch_size=5, gradient_accumulation_steps=2), dataset)
     trainer.train()
     for name, value in trainable(big).items():
-        torch.testing.assert_close(trainable(accumulated)[name], value, rtol=1e-4, atol=1e-6)
+        # Summation order differs between the two, so allow float32 rounding of the summed gradients.
+        torch.testing.assert_close(trainable(accumulated)[name], value, rtol=1e-4, atol=1e-5)
 
 
 def test_early_stopping_and_plateau_schedule(tmp_path):

@@ -2,7 +2,9 @@
 
 Small step functions in the gpt-fast manner (``prefill``, ``decode_one_token``, ``logits_to_probs``,
 ``sample``) so each can be tested, compiled or swapped alone; ``generate_steps`` is the loop that drives them and
-``generate``/``stream``/``generate_text`` are its three faces (token ids, text pieces, finished strings).
+``generate``/``stream``/``generate_text`` are its three faces (token ids, text pieces, finished strings). The
+options are one ``GenerationConfig``. Prefill and decode run on the model's decode engine
+(``laformer.inference.engine``); ``prefill``/``decode_one_token`` over a ``cache=`` are the plain reference loop.
 
 Batches of prompts of different lengths are left-padded: the model derives positions from the attention mask,
 so a padded row computes exactly what it would alone.
@@ -11,12 +13,12 @@ so a padded row computes exactly what it would alone.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from laformer.attention import AttentionBackend
-from laformer.cache import KVCache
+from laformer.cache import Cache, KVCache
 from laformer.errors import GenerationError
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
@@ -78,20 +80,75 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- options
 
 
-def _check_options(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    repetition_penalty: float,
-    stop_strings: Sequence[str] | None,
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to continue a prompt, checked once when built (``generate(..., **fields)`` builds one for you).
+
+    Greedy unless ``do_sample``; ``temperature``, ``top_k`` (0: off) and ``top_p`` (1: off) shape the sampled
+    distribution and ``seed`` makes the draw reproducible. ``repetition_penalty`` > 1 shrinks the scores of tokens
+    already in the row. A row ends at an ``eos_token_id`` (default: the model config's; ``[]`` for none) or once its
+    text contains one of ``stop_strings`` (needs a tokenizer); finished rows are padded with ``pad_token_id``.
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: int | Sequence[int] | None = None
+    pad_token_id: int | None = None
+    stop_strings: str | Sequence[str] | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_strings, str):
+            object.__setattr__(self, "stop_strings", (self.stop_strings,))
+        elif self.stop_strings is not None:
+            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
+            raise GenerationError(
+                f"temperature must be > 0 when sampling, got {self.temperature}; use do_sample=False for greedy "
+                "decoding"
+            )
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        if self.stop_strings is not None and (
+                not self.stop_strings or not all(isinstance(s, str) and s for s in self.stop_strings)):
+            raise GenerationError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+
+    @classmethod
+    def build(cls, config: "GenerationConfig | None" = None, **options) -> "GenerationConfig":
+        """``config`` (or the defaults) with ``options`` replacing its fields; an unknown option is an error."""
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise GenerationError(
+                f"unknown generation option(s) {sorted(unknown)}; use the fields of GenerationConfig: "
+                f"{[f.name for f in fields(cls)]}"
+            )
+        return replace(config or cls(), **options)
+
+    def eos_ids(self, model_config) -> list[int]:
+        return _as_list(self.eos_token_id) if self.eos_token_id is not None else list(model_config.eos_token_ids)
+
+    def pad_id(self, model_config) -> int:
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return model_config.pad_token_id if model_config.pad_token_id is not None else (self.eos_ids(model_config)
+                                                                                          or [0])[0]
+
+
+def _check_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: GenerationConfig,
     tokenizer,
 ) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -117,29 +174,16 @@ def _check_options(
                 "attention_mask has padding at the end of a row; generation needs left padding "
                 "(tokenize with padding_side='left')"
             )
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if do_sample and not temperature > 0:
-        raise GenerationError(
-            f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy decoding"
-        )
-    if not isinstance(top_k, int) or top_k < 0:
-        raise GenerationError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise GenerationError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
-    if not repetition_penalty > 0:
-        raise GenerationError(f"repetition_penalty must be > 0 (1 disables it), got {repetition_penalty}")
-    if stop_strings is not None:
-        if tokenizer is None:
-            raise GenerationError("stop_strings need the tokenizer to read the text; pass tokenizer=...")
-        if not stop_strings or not all(isinstance(s, str) and s for s in stop_strings):
-            raise GenerationError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+        if not bool(attention_mask.any(-1).all()):
+            raise GenerationError("a row of attention_mask has no tokens at all; drop empty prompts from the batch")
+    if config.stop_strings is not None and tokenizer is None:
+        raise GenerationError("stop_strings need the tokenizer to read the text; pass tokenizer=...")
     context, length = model.config.max_position_embeddings, input_ids.shape[1]
-    if length + max_new_tokens > context:
+    if length + config.max_new_tokens > context:
         raise GenerationError(
-            f"the prompt ({length} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's context of "
-            f"{context} tokens; truncate the prompt to at most {max(context - max_new_tokens, 0)} tokens "
-            "(truncation=True, max_length=...) or lower max_new_tokens"
+            f"the prompt ({length} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds the model's "
+            f"context of {context} tokens; truncate the prompt to at most {max(context - config.max_new_tokens, 0)} "
+            "tokens (truncation=True, max_length=...) or lower max_new_tokens"
         )
 
 
@@ -149,7 +193,43 @@ def _as_list(value: int | Sequence[int] | None) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
-class _StopStrings:
+class TokenPicker:
+    """The next token of every row from its logits: repetition penalty, then greedy or seeded sampling.
+
+    ``start_row`` tells it a row's prompt (the penalty counts prompt tokens), ``observe`` each new token.
+    """
+
+    def __init__(self, config: GenerationConfig, batch: int, vocab: int, device: torch.device) -> None:
+        self.config = config
+        self.generator = None
+        if config.do_sample:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(config.seed) if config.seed is not None else self.generator.seed()
+        self.seen = None
+        if config.repetition_penalty != 1.0:
+            self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+
+    def start_row(self, row: int, prompt: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen[row] = False
+            self.seen[row, prompt] = True
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+
+    def __call__(self, logits: torch.Tensor, row: int | None = None) -> torch.Tensor:
+        """Tokens (B,) for logits (B, V) of every row, or (1,) for the (1, V) logits of ``row``."""
+        config = self.config
+        if self.seen is not None:
+            seen = self.seen if row is None else self.seen[row: row + 1]
+            logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+        if not config.do_sample:
+            return logits.argmax(-1)
+        return sample(logits_to_probs(logits, config.temperature, config.top_k, config.top_p), self.generator)
+
+
+class StopStrings:
     """Watches each row's newest tokens for a stop string, decoding only a short window (per-token cost stays flat)."""
 
     def __init__(self, stop_strings: Sequence[str], tokenizer, batch: int) -> None:
@@ -159,20 +239,30 @@ class _StopStrings:
         self.window = max(len(s.encode()) for s in self.stop_strings) + 4
         self.history: list[list[int]] = [[] for _ in range(batch)]
 
+    def start_row(self, row: int) -> None:
+        self.history[row] = []
+
+    def hit(self, row: int, token: int) -> bool:
+        """Append ``token`` to ``row``; whether the row's text now holds a stop string."""
+        history = self.history[row]
+        history.append(token)
+        text = self.tokenizer.decode(history[-self.window:], skip_special_tokens=False)
+        return any(s in text for s in self.stop_strings)
+
     def update(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` (B,) to the active rows; returns a (B,) mask of rows that just completed a stop string."""
         hit = torch.zeros_like(active)
         for row, (token, is_active) in enumerate(zip(tokens.tolist(), active.tolist())):
-            if not is_active:
-                continue
-            history = self.history[row]
-            history.append(token)
-            text = self.tokenizer.decode(history[-self.window:], skip_special_tokens=False)
-            hit[row] = any(s in text for s in self.stop_strings)
+            hit[row] = is_active and self.hit(row, token)
         return hit
 
 
 # --------------------------------------------------------------------------- the decoding loop
+
+
+def _uses_engine(model: torch.nn.Module) -> bool:
+    """A causal LM the decode engine can run: a laformer decoder and an output head."""
+    return hasattr(model, "lm_head") and hasattr(getattr(model, "decoder", None), "layers")
 
 
 @torch.no_grad()
@@ -180,70 +270,50 @@ def generate_steps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
     *,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    stop_strings: str | Sequence[str] | None = None,
     tokenizer=None,
-    seed: int | None = None,
     attention: AttentionBackend | None = None,
-    cache: KVCache | None = None,
+    cache: Cache | None = None,
     engine=None,
+    **options,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(tokens, finished)`` per step: the new token of every row (B,) and which rows are now done.
 
-    Finished rows receive the pad id. ``cache`` is the empty cache to fill (default: a new growable ``KVCache``),
-    which is where a preallocated static cache slots in. ``attention`` routes the model's attention through another
-    backend for this call only. ``engine`` (a ``laformer.inference.DecodeEngine`` built on ``model``) runs the
-    prefill and decode steps on the lean path instead: static cache, fused projections, optionally compiled.
+    ``config`` (a ``GenerationConfig``) and/or its fields as keywords say how. Finished rows receive the pad id.
+    Decoding runs on the model's decode engine (``laformer.inference.engine_for``, or ``engine``). ``cache`` (an
+    empty ``Cache``, e.g. ``KVCache``) runs the plain reference loop over that cache instead: one ``model(...)``
+    call per token. ``attention`` routes the model's attention through another backend for this call only.
     """
+    config = GenerationConfig.build(config, **options)
     if engine is not None and (engine.model is not model or cache is not None):
         raise GenerationError("engine= must be a DecodeEngine built on this model, and it brings its own cache; "
                               "pass engine.model as the model and drop cache=")
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    _check_options(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                   repetition_penalty, stop_strings, tokenizer)
-    config = model.config
-    eos_ids = _as_list(eos_token_id) if eos_token_id is not None else config.eos_token_ids
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids or [0])[0]
+    _check_inputs(model, input_ids, attention_mask, config, tokenizer)
+    if engine is None and cache is None:
+        if _uses_engine(model):
+            from laformer.inference.engine import engine_for
+
+            engine = engine_for(model)
+        else:
+            cache = KVCache(len(model.decoder.layers))
+    eos_ids, pad_token_id = config.eos_ids(model.config), config.pad_id(model.config)
     B, T = input_ids.shape
     device = input_ids.device
     if attention_mask is not None:
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
-        if not bool(attention_mask.any(-1).all()):
-            raise GenerationError("a row of attention_mask has no tokens at all; drop empty prompts from the batch")
         if bool(attention_mask.all()):
             attention_mask = None  # no padding: the model takes its fast causal path
-    if attention_mask is not None:
+    if attention_mask is not None and engine is None:
         # Preallocate the whole mask once; each step passes a view of the first past + 1 columns.
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, config.max_new_tokens)], dim=1)
 
-    generator = None
-    if do_sample:
-        generator = torch.Generator(device=device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, config.vocab_size + 1, dtype=torch.bool, device=device)
-        prompt = input_ids
-        if attention_mask is not None:  # padding goes to an extra last column, dropped below
-            prompt = input_ids.masked_fill(attention_mask[:, :T] == 0, config.vocab_size)
-        seen = seen.scatter_(1, prompt, True)[:, : config.vocab_size]
+    picker = TokenPicker(config, B, model.config.vocab_size, device)
+    for row in range(B):
+        picker.start_row(row, input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row, :T] > 0])
     eos = torch.tensor(eos_ids, dtype=input_ids.dtype, device=device)
-    stops = _StopStrings(stop_strings, tokenizer, B) if stop_strings else None
+    stops = StopStrings(config.stop_strings, tokenizer, B) if config.stop_strings else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = KVCache(len(model.decoder.layers)) if cache is None else cache
 
     layers = model.decoder.layers
     previous_backends = [layer.self_attn.backend for layer in layers]
@@ -252,30 +322,23 @@ def generate_steps(
     try:
         mask = None if attention_mask is None else attention_mask[:, :T]
         if engine is not None:
-            logits = engine.prefill(input_ids, mask, max_new_tokens)
+            logits = engine.prefill(input_ids, mask, config.max_new_tokens)
         else:
             logits = prefill(model, input_ids, mask, cache)
-        for step in range(max_new_tokens):
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            if do_sample:
-                tokens = sample(logits_to_probs(logits, temperature, top_k, top_p), generator)
-            else:
-                tokens = logits.argmax(-1)
-            tokens = tokens.masked_fill(finished, pad_token_id)
+        for step in range(config.max_new_tokens):
+            tokens = picker(logits).masked_fill(finished, pad_token_id)
             done = finished | torch.isin(tokens, eos)
             if stops is not None:
                 done |= stops.update(tokens, ~finished)
             finished = done
             yield tokens, finished
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            if step == config.max_new_tokens - 1 or bool(finished.all()):
                 return
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            mask = None if attention_mask is None else attention_mask[:, : T + step + 1]
+            picker.observe(tokens)
             if engine is not None:
                 logits = engine.decode(tokens)
             else:
+                mask = None if attention_mask is None else attention_mask[:, : T + step + 1]
                 logits = decode_one_token(model, tokens, mask, cache)
     finally:
         for layer, backend in zip(layers, previous_backends):
@@ -286,36 +349,26 @@ def generate(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
     *,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    stop_strings: str | Sequence[str] | None = None,
     tokenizer=None,
-    seed: int | None = None,
     attention: AttentionBackend | None = None,
-    cache: KVCache | None = None,
+    cache: Cache | None = None,
     engine=None,
     return_dict: bool = False,
+    **options,
 ) -> torch.Tensor | GenerationOutput:
     """Continue each prompt; returns ``(B, prompt + new)`` ids like Hugging Face's ``generate``.
 
-    Greedy unless ``do_sample``. Generation stops per row at an eos id (default: the config's) or once the row's text
-    contains one of ``stop_strings`` (needs ``tokenizer``); the token that ends a row is kept, and finished rows are
-    padded with ``pad_token_id`` until every row is done. ``seed`` makes sampling reproducible.
-    ``return_dict=True`` gives a ``GenerationOutput`` with per-row counts and finish reasons.
+    Takes a ``GenerationConfig`` and/or its fields as keywords (``max_new_tokens``, ``do_sample``, ``temperature``,
+    ``top_k``, ``top_p``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``, ``stop_strings`` (needs
+    ``tokenizer``), ``seed``). The token that ends a row is kept, and finished rows are padded with the pad id until
+    every row is done. ``return_dict=True`` gives a ``GenerationOutput`` with per-row counts and finish reasons.
+    ``attention``, ``cache`` and ``engine``: see ``generate_steps``.
     """
-    steps = generate_steps(
-        model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-        seed=seed, attention=attention, cache=cache, engine=engine,
-    )
+    config = GenerationConfig.build(config, **options)
+    steps = generate_steps(model, input_ids, attention_mask, config, tokenizer=tokenizer, attention=attention,
+                           cache=cache, engine=engine)
     new_tokens, counts, finished = [], torch.zeros(input_ids.shape[0], dtype=torch.long), None
     for tokens, done in steps:
         counts += (~finished if finished is not None else torch.ones_like(done)).cpu()
@@ -324,7 +377,7 @@ def generate(
     sequences = torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
     if not return_dict:
         return sequences
-    eos_ids = set(_as_list(eos_token_id) if eos_token_id is not None else model.config.eos_token_ids)
+    eos_ids = set(config.eos_ids(model.config))
     prompt_length = input_ids.shape[1]
     reasons = []
     for row, (count, done) in enumerate(zip(counts.tolist(), finished.tolist())):
@@ -356,20 +409,27 @@ def _held_back(text: str, stop_strings: Sequence[str]) -> int:
     return longest
 
 
-def stream(model: torch.nn.Module, input_ids: torch.Tensor, tokenizer, **options) -> Iterator[str]:
+def _split_options(config: GenerationConfig | None, options: dict) -> tuple[GenerationConfig, dict]:
+    """The ``GenerationConfig`` that ``config`` and the option keywords describe, and the other keywords."""
+    names = {f.name for f in fields(GenerationConfig)}
+    config = GenerationConfig.build(config, **{k: v for k, v in options.items() if k in names})
+    return config, {k: v for k, v in options.items() if k not in names}
+
+
+def stream(model: torch.nn.Module, input_ids: torch.Tensor, tokenizer, config: GenerationConfig | None = None,
+           **options) -> Iterator[str]:
     """Yield the text of one prompt (batch 1) piece by piece as tokens arrive; stop strings are not emitted.
 
     Takes the options of ``generate``. Multi-byte characters split over tokens come out whole.
     """
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] != 1:
         raise GenerationError(f"stream takes one prompt, got a batch of {input_ids.shape[0]}; use generate for batches")
-    stop_strings = options.get("stop_strings")
-    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    config, options = _split_options(config, options)
+    stop_strings = list(config.stop_strings or [])
     decoder = tokenizer.stream_decoder(skip_special_tokens=True)
-    eos_ids = set(_as_list(options.get("eos_token_id")) if options.get("eos_token_id") is not None
-                  else model.config.eos_token_ids)
+    eos_ids = set(config.eos_ids(model.config))
     pending = ""
-    for tokens, _ in generate_steps(model, input_ids, tokenizer=tokenizer, **options):
+    for tokens, _ in generate_steps(model, input_ids, config=config, tokenizer=tokenizer, **options):
         token = int(tokens[0])
         if token in eos_ids:
             break
@@ -392,7 +452,7 @@ def stream(model: torch.nn.Module, input_ids: torch.Tensor, tokenizer, **options
 
 
 def generate_text(model: torch.nn.Module, tokenizer, prompt_or_prompts: str | Sequence[str], chat: bool = False,
-                  **options) -> str | list[str]:
+                  config: GenerationConfig | None = None, **options) -> str | list[str]:
     """Prompt(s) in, completion(s) out: tokenizes (optionally through the chat template), generates, decodes.
 
     Takes the options of ``generate``; a stop string and what follows it are cut from the text.
@@ -405,9 +465,10 @@ def generate_text(model: torch.nn.Module, tokenizer, prompt_or_prompts: str | Se
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                  tokenize=False) for p in prompts]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    out = generate(model, batch.input_ids, batch.attention_mask, tokenizer=tokenizer, return_dict=True, **options)
-    stop_strings = options.get("stop_strings")
-    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+    config, options = _split_options(config, options)
+    out = generate(model, batch.input_ids, batch.attention_mask, config, tokenizer=tokenizer, return_dict=True,
+                   **options)
+    stop_strings = list(config.stop_strings or [])
     texts = []
     for row, count in enumerate(out.num_new_tokens):
         ids = out.sequences[row, out.prompt_length: out.prompt_length + count].tolist()

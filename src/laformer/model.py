@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from laformer.attention import AttentionBackend, build_attention_mask, sdpa_attention
-from laformer.cache import KVCache
+from laformer.cache import Cache, KVCache
 from laformer.config import LaFormerConfig
 from laformer.errors import GenerationError
 from laformer.pretrained import PreTrainedMixin
@@ -23,7 +23,7 @@ from laformer.rope import RotaryEmbedding, apply_rotary
 @dataclass
 class BaseModelOutput:
     last_hidden_state: torch.Tensor
-    past_key_values: KVCache | None = None
+    past_key_values: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
@@ -31,7 +31,7 @@ class BaseModelOutput:
 class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
-    past_key_values: KVCache | None = None
+    past_key_values: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
@@ -88,7 +88,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: Cache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -97,7 +97,7 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(k, v, self.layer_idx)
         out = self.backend(q, k, v, mask, layer_idx=self.layer_idx, cache=cache)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
@@ -138,7 +138,7 @@ class LaFormerModel(PreTrainedMixin, nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
@@ -149,21 +149,14 @@ class LaFormerModel(PreTrainedMixin, nn.Module):
         B, T, _ = x.shape
         if use_cache and past_key_values is None:
             past_key_values = KVCache(len(self.layers))
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise GenerationError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs need "
-                f"({B}, {past + T}) (past tokens + new tokens)"
-            )
-        if past + T > self.config.max_position_embeddings:
-            raise GenerationError(
-                f"sequence of {past + T} tokens exceeds the model's context of "
-                f"{self.config.max_position_embeddings}; truncate the input (truncation=True, max_length=...)"
-            )
-        if position_ids is None:
-            position_ids = default_position_ids(attention_mask, past, T, x.device, B)
-        rope = self.rotary_emb(position_ids, x.dtype)
-        mask = build_attention_mask(attention_mask, T, past + T, x.device)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # A ready (B, 1, T, S) boolean mask over the cache's columns, from a caller that places keys itself
+            # (the decode engine's slots); it knows the positions too.
+            if position_ids is None:
+                raise GenerationError("a 4-D attention_mask needs position_ids")
+            mask, rope = attention_mask, self.rotary_emb(position_ids, x.dtype)
+        else:
+            mask, rope = self._mask_and_rope(attention_mask, position_ids, past_key_values, x)
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -176,6 +169,24 @@ class LaFormerModel(PreTrainedMixin, nn.Module):
         if output_hidden_states:
             hidden_states[-1] = x
         return BaseModelOutput(x, past_key_values, tuple(hidden_states) if hidden_states else None)
+
+    def _mask_and_rope(self, attention_mask, position_ids, cache, x) -> tuple[torch.Tensor | None, tuple]:
+        """The backend's mask and the rotary tables for new tokens ``x`` after what ``cache`` holds."""
+        B, T, _ = x.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise GenerationError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs need "
+                f"({B}, {past + T}) (past tokens + new tokens)"
+            )
+        if past + T > self.config.max_position_embeddings:
+            raise GenerationError(
+                f"sequence of {past + T} tokens exceeds the model's context of "
+                f"{self.config.max_position_embeddings}; truncate the input (truncation=True, max_length=...)"
+            )
+        if position_ids is None:
+            position_ids = default_position_ids(attention_mask, past, T, x.device, B)
+        return build_attention_mask(attention_mask, T, past + T, x.device), self.rotary_emb(position_ids, x.dtype)
 
     def set_attention(self, backend: AttentionBackend | None) -> None:
         """Route every layer's attention through ``backend`` (None restores exact SDPA attention).
@@ -225,7 +236,7 @@ class LaFormerForCausalLM(PreTrainedMixin, nn.Module):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool = False,
@@ -240,6 +251,10 @@ class LaFormerForCausalLM(PreTrainedMixin, nn.Module):
         logits = self.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss, out.past_key_values, out.hidden_states)
+
+    def set_attention(self, backend) -> None:
+        """Route attention through ``backend`` (e.g. ``laformer.ama.AMAConfig(budget=1024)``; None: exact SDPA)."""
+        self.model.set_attention(backend)
 
     def generate(self, input_ids: torch.Tensor, **kwargs):
         """Continue ``input_ids``; see ``laformer.generation.generate`` for the options."""

@@ -162,6 +162,12 @@ class PreTrainedMixin:
             state = {f"model.{name}": t for name, t in state.items()}
         save_hf_folder(state, self.config, directory, HF_ARCHITECTURES[type(self).__name__])
 
+    def save_gguf(self, path: str | Path, type: str = "f16", tokenizer: Any = None) -> Path:
+        """Write a GGUF file for llama.cpp/Ollama (``type``: f32, f16, bf16, q8_0, q4_0, q4_1); see docs/export.md."""
+        from laformer.formats.gguf_export import save_gguf
+
+        return save_gguf(self, path, type, tokenizer)
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
         return sum(p.numel() for p in params.values())

@@ -62,16 +62,20 @@ def finetune_classification(
     peft_options: dict[str, Any] | None = None,
     text_column: str = "text",
     label_column: str = "label",
-    max_length: int = 128,
+    max_length: int | None = None,
+    preset: str = "default",
     augment: Any = None,
     back_translate_count: int = 0,
     resume: bool | str = False,
 ) -> dict[str, Any]:
-    """Fine-tune ``model_name`` as a sequence classifier; the folder ``args.output_dir`` gets everything."""
+    """Fine-tune ``model_name`` as a sequence classifier; the folder ``args.output_dir`` gets everything.
+
+    ``max_length`` None: chosen from the training texts' token lengths by the ``preset``'s percentile and cap."""
     from laformer.model import LaFormerForSequenceClassification
     from laformer.tokenizer import LaFormerTokenizer
     from laformer.training import ClassificationDataset, Trainer, build_label_map, load_classification_data
-    from laformer.training.data import encode_labels
+    from laformer.training.data import encode_labels, encode_texts
+    from laformer.training.recipes import choose_max_length, get_preset
 
     tokenizer = LaFormerTokenizer.from_pretrained(model_name)
     texts, labels = load_classification_data(train_path, text_column, label_column)
@@ -79,6 +83,10 @@ def finetune_classification(
     train_ids = encode_labels(labels, label2id, train_path)
     if back_translate_count:
         texts, train_ids = add_back_translations(model_name, tokenizer, texts, train_ids, back_translate_count)
+    if max_length is None:
+        recipe = get_preset(preset)
+        lengths = [len(ids) for ids in encode_texts(tokenizer, texts)]
+        max_length = choose_max_length(lengths, recipe.length_percentile, recipe.length_cap)
     train = ClassificationDataset(texts, train_ids, tokenizer, max_length, augment=augment, seed=args.seed)
     evaluation = None
     if validation_path is not None:

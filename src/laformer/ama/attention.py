@@ -63,6 +63,8 @@ class MediationGate(nn.Module):
 class AMAAttention:
     """The backend built by ``AMAConfig.build_backend``; see the module docstring for the mechanism."""
 
+    contiguous_keys = True  # slices are runs of cache columns: the decode engine keeps rows in lockstep for it
+
     def __init__(self, config: AMAConfig, decoder: nn.Module) -> None:
         self.config = config
         self.recorder = config.recorder
@@ -90,8 +92,7 @@ class AMAAttention:
             return sdpa_attention(q, k, v, mask, layer_idx=layer_idx, cache=cache)  # everything fits the budget
         T = q.shape[2]
         valid = key_validity(mask, T)
-        state = cache.layer_state[layer_idx] if cache is not None else None
-        summaries = update_summaries(state, k, v, valid, cfg.slice_len, cfg.score)
+        summaries = update_summaries(cache, layer_idx, k, v, valid, cfg.slice_len, cfg.score)
         if T == 1 and self.fused and self.recorder is None and kernel.fits(q, k, v):
             return kernel.decode(q, k, v, valid, summaries, self._kernel_settings)
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from laformer.cache import KVCache
+from laformer.cache import Cache, KVCache
 from laformer.errors import ConfigError
 
 KEY_LEVELS = 7  # the key copy of the scan score: integers -7..7 (4 bits, stored + 8), one scale per token
@@ -111,16 +111,18 @@ def summarize(
 
 
 def update_summaries(
-    state: dict[str, Any] | None, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, slice_len: int,
+    cache: Cache | None, layer_idx: int, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, slice_len: int,
     score: str = "scan",
 ) -> SliceSummaries:
-    """Bring the summaries in ``state`` (a cache's ``layer_state``) up to date with the full slices of ``k``.
+    """Bring the summaries in ``cache.layer_state[layer_idx]`` up to date with the full slices of ``k``.
 
     Only slices that filled since the last call are summarised. Cropping or reordering the cache clears
     ``layer_state``, which makes this rebuild from the keys; so does a change of ``score``.
     """
     full = k.shape[2] // slice_len
-    summaries = state.get("ama_summaries") if state is not None else None
+    summaries = cache.layer_state[layer_idx] if cache is not None else None
+    if not isinstance(summaries, SliceSummaries):  # another backend's state, or none yet
+        summaries = None
     if summaries is not None and (summaries.kmean.shape[0] != k.shape[0] or summaries.num_slices > full
                                   or not summaries.serves(score)):
         summaries = None
@@ -130,8 +132,8 @@ def update_summaries(
         summaries = new if summaries is None else summaries.cat(new)
     elif summaries is None:
         summaries = summarize(k, v, valid, slice_len, 0, 0, score)
-    if state is not None:
-        state["ama_summaries"] = summaries
+    if cache is not None:
+        cache.layer_state[layer_idx] = summaries
     return summaries
 
 

@@ -12,7 +12,7 @@ import sys
 
 from laformer.errors import LaFormerError
 
-SUBCOMMAND_MODULES = ("generate", "chat", "info", "convert", "finetune", "classify", "evaluate", "quantize", "prune", "serve")
+SUBCOMMAND_MODULES = ("generate", "chat", "info", "convert", "finetune", "classify", "evaluate", "quantize", "prune", "serve", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,6 @@
-"""Fast inference: fused projections, a static KV cache, the lean (optionally compiled) decode engine, batching."""
+"""Fast inference: the decode engine behind every generation API, its static KV cache, batching."""
 
-from laformer.inference.engine import DecodeEngine
-from laformer.inference.fused import fuse_projections
+from laformer.inference.engine import DecodeEngine, engine_for
 from laformer.inference.static_cache import StaticKVCache
 
-__all__ = ["DecodeEngine", "StaticKVCache", "fuse_projections"]
+__all__ = ["DecodeEngine", "StaticKVCache", "engine_for"]

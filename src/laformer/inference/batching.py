@@ -3,6 +3,8 @@
 Each row of the engine has its own cache columns and positions, so prompts need no padding, and a row that
 finishes can take the next prompt at once while the others keep decoding (``continuous=True``); otherwise a new
 group starts only when the whole batch is done. Greedy outputs equal one-prompt-at-a-time greedy decoding.
+Attention that reads each row's keys as one sequence (AMA) cannot refill rows: its groups run as left-padded
+batches through ``generate``, on the same engine.
 """
 
 from __future__ import annotations
@@ -11,70 +13,72 @@ from collections import deque
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from laformer.errors import GenerationError
-from laformer.generation import logits_to_probs, sample
-from laformer.inference.engine import DecodeEngine
+from laformer.generation import GenerationConfig, StopStrings, TokenPicker, generate
+from laformer.inference.engine import DecodeEngine, engine_for
 
 
 @torch.inference_mode()
 def generate_batch(
-    engine: DecodeEngine,
+    model: nn.Module | DecodeEngine,
     prompts: Sequence[Sequence[int]],
+    config: GenerationConfig | None = None,
     *,
-    max_new_tokens: int = 64,
     batch_size: int = 8,
     continuous: bool = True,
-    eos_token_id: int | Sequence[int] | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    tokenizer=None,
+    **options,
 ) -> list[list[int]]:
-    """The new token ids of every prompt (a list of id lists), in prompt order; each stops at eos (kept)."""
+    """The new token ids of every prompt (a list of id lists), in prompt order; each stops at eos or a stop string
+    (the token that ends it is kept).
+
+    ``model`` is a causal LM (its engine runs) or a ``DecodeEngine``; ``config`` and/or the keyword options are
+    those of ``laformer.generation.generate`` (``stop_strings`` need ``tokenizer``).
+    """
+    engine = model if isinstance(model, DecodeEngine) else engine_for(model)
+    config = GenerationConfig.build(config, **options)
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(not p for p in prompts):
         raise GenerationError("generate_batch needs a non-empty list of non-empty prompts (lists of token ids)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise GenerationError(f"batch_size must be a positive integer, got {batch_size!r}")
     vocab = engine.config.vocab_size
     if any(not 0 <= t < vocab for p in prompts for t in p):
         raise GenerationError(f"a prompt holds ids outside the vocabulary [0, {vocab}); use this model's tokenizer")
-    if do_sample and not temperature > 0:
-        raise GenerationError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False")
-    eos = set(engine.config.eos_token_ids if eos_token_id is None else
-              [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
-    generator = None
-    if do_sample:
-        generator = torch.Generator(device=engine.device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+    if config.stop_strings and tokenizer is None:
+        raise GenerationError("stop_strings need the tokenizer to read the text; pass tokenizer=...")
+    if engine.contiguous_keys:
+        return _padded_groups(engine, prompts, config, batch_size, tokenizer)
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        if not do_sample:
-            return logits.argmax(-1)
-        return sample(logits_to_probs(logits, temperature, top_k, top_p), generator)
-
+    eos = set(config.eos_ids(engine.config))
     rows = min(batch_size, len(prompts))
-    engine.reset(rows, max(len(p) for p in prompts) + max_new_tokens)
+    picker = TokenPicker(config, rows, vocab, engine.device)
+    stops = StopStrings(config.stop_strings, tokenizer, rows) if config.stop_strings else None
+    engine.reset(rows, max(len(p) for p in prompts) + config.max_new_tokens)
     queue = deque(range(len(prompts)))
     outputs: list[list[int]] = [[] for _ in prompts]
     owner: list[int | None] = [None] * rows  # which prompt each row is generating
     tokens = torch.zeros(rows, dtype=torch.long, device=engine.device)
 
-    def finished(index: int) -> bool:
+    def finished(row: int, index: int) -> bool:
         out = outputs[index]
-        return len(out) >= max_new_tokens or out[-1] in eos
+        stopped = stops is not None and stops.hit(row, out[-1])
+        return len(out) >= config.max_new_tokens or out[-1] in eos or stopped
 
     def admit(row: int) -> None:
         """Start queued prompts in ``row`` until one survives its first token (or the queue is empty)."""
         while queue:
             index = queue.popleft()
-            token = int(pick(engine.prefill_row(row, torch.tensor(prompts[index], device=engine.device)))[0])
+            prompt = torch.tensor(prompts[index], device=engine.device)
+            picker.start_row(row, prompt)
+            if stops is not None:
+                stops.start_row(row)
+            logits = engine.prefill_row(row, prompt)
+            token = int(picker(logits, row)[0])
             outputs[index].append(token)
-            if not finished(index):
+            if not finished(row, index):
                 owner[row], tokens[row] = index, token
                 return
         owner[row] = None
@@ -83,13 +87,14 @@ def generate_batch(
     for row in range(rows):
         admit(row)
     while any(o is not None for o in owner):
-        new = pick(engine.decode(tokens)).tolist()
+        picker.observe(tokens)
+        new = picker(engine.decode(tokens)).tolist()
         for row, index in enumerate(owner):
             if index is None:
                 continue
             outputs[index].append(new[row])
             tokens[row] = new[row]
-            if finished(index):
+            if finished(row, index):
                 owner[row] = None
                 engine.release_row(row)
                 if continuous:
@@ -97,4 +102,21 @@ def generate_batch(
         if not continuous and all(o is None for o in owner):
             for row in range(rows):
                 admit(row)
+    return outputs
+
+
+def _padded_groups(engine: DecodeEngine, prompts: list[list[int]], config: GenerationConfig, batch_size: int,
+                   tokenizer) -> list[list[int]]:
+    """``generate_batch`` as left-padded groups of ``batch_size`` prompts through ``generate``."""
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        group = prompts[start: start + batch_size]
+        width = max(len(p) for p in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=engine.device)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(group):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        out = generate(engine.model, ids, mask, config, tokenizer=tokenizer, engine=engine, return_dict=True)
+        outputs += [out.sequences[row, width: width + n].tolist() for row, n in enumerate(out.num_new_tokens)]
     return outputs

@@ -25,9 +25,8 @@ from torch import nn
 from laformer import native
 from laformer.attention import sdpa_attention
 from laformer.errors import GenerationError
-from laformer.inference.fused import FusedAttention, FusedMLP
 from laformer.inference.static_cache import StaticKVCache
-from laformer.model import DecoderLayer, RMSNorm
+from laformer.model import RMSNorm
 from laformer.quantization import QuantizedLinear
 from laformer.quantization.kernels import CFLAGS
 from laformer.quantization.kernels import SOURCE as QGEMM_SOURCE
@@ -131,8 +130,8 @@ class NativeStep:
             return "the embedding, norms or cache are not float32 on the CPU"
         for i, layer in enumerate(decoder.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            if type(layer) is not DecoderLayer or type(attn) is not FusedAttention or type(mlp) is not FusedMLP:
-                return f"layer {i} is not a plain fused decoder layer (fuse_projections could not fuse it)"
+            if not all(hasattr(attn, n) for n in ("qkv_proj", "o_proj")) or not hasattr(mlp, "gate_up_proj"):
+                return f"layer {i} has no fused qkv_proj/gate_up_proj (pass the engine's FusedView)"
             if attn.backend is not sdpa_attention:
                 return f"layer {i} uses another attention backend ({getattr(attn.backend, '__name__', attn.backend)})"
             norms = (layer.input_layernorm, layer.post_attention_layernorm)

@@ -1,8 +1,9 @@
 """A preallocated key/value cache: fixed buffers written in place, so decoding allocates nothing per token.
 
-It speaks the ``KVCache`` interface (``update``, ``get_seq_length``, ``layer_state``, ``reorder``, ``crop``) in two
-modes. By default every row appends at the same offset and ``update`` returns views of the filled part, so it
-drops into ``LaFormerForCausalLM.forward`` and ``laformer.generation.generate(cache=...)`` as is. When an engine
+It keeps the ``laformer.cache.Cache`` contract in two modes. By default (append mode) every row appends at the
+same offset and ``update`` returns views of the filled part, so it drops into ``LaFormerForCausalLM.forward`` and
+``laformer.generation.generate(cache=...)`` as is, and attention backends that read the keys as a contiguous
+sequence (AMA's slices) work on it unchanged. When an engine
 sets ``slots`` (a (B, T) tensor of buffer columns), ``update`` scatters each row's new keys into its own columns
 and returns the whole fixed-shape buffers; the engine then passes a mask over all columns. Fixed shapes and no
 Python integers on the hot path are what let ``torch.compile`` trace the step once. The write is an ``index_put_``,
@@ -12,8 +13,6 @@ while it does an ``index_put_`` in place.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -38,7 +37,7 @@ class StaticKVCache:
         layers = config.num_hidden_layers
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.layer_state: list[dict[str, Any]] = [{} for _ in range(layers)]
+        self.layer_state: list[object | None] = [None] * layers
         self.lengths = [0] * layers  # filled columns per layer, append mode only
         self.slots: tuple[torch.Tensor, ...] | None = None  # (row, head, column) indices, slot mode only
 
@@ -66,7 +65,7 @@ class StaticKVCache:
         heads = torch.arange(H, device=slots.device)[None, :, None]
         self.slots = (rows, heads, slots[:, None, :])
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.slots is not None:
             keys.index_put_(self.slots, k)  # keys[b, h, slots[b, t]] = k[b, h, t]
@@ -84,13 +83,14 @@ class StaticKVCache:
         self.lengths[layer_idx] = end
         return keys[:, :, :end], values[:, :, :end]
 
-    def rows(self, start: int, stop: int) -> "StaticKVCache":
-        """A cache over rows ``start:stop`` sharing these buffers (writes land here), for filling one row."""
+    def rows(self, start: int, stop: int, length: int = 0) -> "StaticKVCache":
+        """A cache over rows ``start:stop`` sharing these buffers (writes land here), for filling one row; its
+        first ``length`` columns count as filled (a reused prefix)."""
         view = object.__new__(StaticKVCache)
         view.keys = [k[start:stop] for k in self.keys]
         view.values = [v[start:stop] for v in self.values]
-        view.layer_state = [{} for _ in self.keys]
-        view.lengths = [0] * len(self.keys)
+        view.layer_state = [None] * len(self.keys)
+        view.lengths = [length] * len(self.keys)
         view.slots = None
         return view
 
@@ -104,14 +104,19 @@ class StaticKVCache:
         for buffers in (self.keys, self.values):
             for buf in buffers:
                 buf.copy_(buf.index_select(0, index))
-        self.layer_state = [{} for _ in self.keys]
+        self.layer_state = [None] * len(self.keys)
 
     def crop(self, length: int) -> None:
         """Forget everything after the first ``length`` positions (append mode)."""
         self.lengths = [min(n, length) for n in self.lengths]
-        self.layer_state = [{} for _ in self.keys]
+        self.layer_state = [None] * len(self.keys)
 
-    def reset(self) -> None:
-        self.lengths = [0] * len(self.keys)
+    def advance(self, steps: int = 1) -> None:
+        """Count ``steps`` more columns as filled in append mode (they were written by a native step)."""
+        self.lengths = [n + steps for n in self.lengths]
+
+    def reset(self, length: int = 0) -> None:
+        """Start over in append mode, keeping the first ``length`` columns (a reused prefix) as filled."""
+        self.lengths = [length] * len(self.keys)
         self.slots = None
-        self.layer_state = [{} for _ in self.keys]
+        self.layer_state = [None] * len(self.keys)

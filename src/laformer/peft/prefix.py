@@ -93,6 +93,11 @@ class PrefixAttention:
         self.encoder = encoder
         self.inner = inner
 
+    @property
+    def contiguous_keys(self) -> bool:
+        """As the wrapped backend (the decode engine asks)."""
+        return getattr(self.inner, "contiguous_keys", False)
+
     def __call__(
         self,
         q: torch.Tensor,

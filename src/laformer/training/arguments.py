@@ -36,13 +36,15 @@ class TrainingArguments:
     bucket_by_length: bool = False
     fgm_epsilon: float = 0.0  # > 0: adversarial training with FGM on the input embeddings
     eval_steps: int | None = None  # None: evaluate at the end of every epoch
+    evals_per_epoch: int = 1  # without eval_steps: evaluations spread evenly over each epoch
     save_steps: int | None = None  # None: checkpoint at the end only
     save_total_limit: int | None = 2
     logging_steps: int = 10
-    metric_for_best_model: str | None = None  # default: accuracy for classification, loss otherwise
+    metric_for_best_model: str | None = None  # default: macro_f1 for classification (class-balanced), loss otherwise
     greater_is_better: bool | None = None
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     load_best_model_at_end: bool = True
+    distributed: str = "ddp"  # under torchrun: "ddp" (a copy per process) or "fsdp" (FSDP2, parameters sharded)
     seed: int = 42
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress_bar: bool = True
@@ -59,6 +61,8 @@ class TrainingArguments:
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (0 < self.plateau_factor < 1, "plateau_factor must be in (0, 1)"),
             (self.fgm_epsilon >= 0, "fgm_epsilon must be >= 0"),
+            (self.evals_per_epoch >= 1, "evals_per_epoch must be at least 1"),
+            (self.distributed in ("ddp", "fsdp"), f"distributed must be 'ddp' or 'fsdp', got {self.distributed!r}"),
             (set(self.report_to) <= set(REPORTERS), f"report_to accepts {REPORTERS}, got {self.report_to}"),
         ]
         for ok, message in checks:

@@ -8,7 +8,6 @@ ranks and a single big batch all compute the same gradient.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
@@ -29,6 +28,14 @@ from laformer.training import checkpoint as ckpt
 from laformer.training.adversarial import fgm_perturbation
 from laformer.training.arguments import TrainingArguments
 from laformer.training.data import IGNORE_INDEX, PaddingCollator, epoch_batches
+from laformer.training.distributed import (
+    check_strategy,
+    copy_full_into,
+    full_tensor,
+    gradient_sync,
+    reshard,
+    wrap_model,
+)
 from laformer.training.reporting import (
     Reporter,
     classification_summary,
@@ -46,10 +53,12 @@ def seed_everything(seed: int) -> None:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    reshard(model)
+    return {name: full_tensor(p.detach()).clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], source: Any) -> None:
+    reshard(model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(state):
         diff = sorted(set(params) ^ set(state))[:3]
@@ -59,10 +68,10 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor], sourc
         )
     with torch.no_grad():
         for name, tensor in state.items():
-            if tensor.shape != params[name].shape:
+            if tensor.shape != params[name].shape:  # a DTensor's shape is the whole tensor's
                 raise TrainingError(f"checkpoint {source}: {name} has shape {tuple(tensor.shape)}, "
                                     f"the model has {tuple(params[name].shape)}; it was saved for another model")
-            params[name].copy_(tensor)
+            copy_full_into(params[name], tensor)
 
 
 def add_dropout(model: nn.Module, p: float) -> list[torch.utils.hooks.RemovableHandle]:
@@ -145,7 +154,7 @@ class Trainer:
         )
 
     def _metric_setup(self) -> tuple[str, bool]:
-        metric = self.args.metric_for_best_model or ("accuracy" if self.label_names else "loss")
+        metric = self.args.metric_for_best_model or ("macro_f1" if self.label_names else "loss")
         greater = self.args.greater_is_better
         return metric, (metric != "loss" if greater is None else greater)
 
@@ -166,6 +175,7 @@ class Trainer:
         total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
         warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
         metric_name, greater = self._metric_setup()
+        eval_every = args.eval_steps or (max(1, steps_per_epoch // args.evals_per_epoch) if args.evals_per_epoch > 1 else None)
         if hasattr(self.hooks, "set_total_step") and getattr(self.hooks.config, "total_step", 0) is None:
             self.hooks.set_total_step(total_steps)
 
@@ -173,12 +183,13 @@ class Trainer:
         if args.gradient_checkpointing:
             self.model.decoder.gradient_checkpointing = True
         handles = add_dropout(self.model, args.dropout) if args.dropout > 0 else []
+        wrapped = self.model
+        if self.world_size > 1:
+            check_strategy(args.distributed, args.fgm_epsilon)
+            wrapped = wrap_model(self.model, args.distributed, self.world_size)  # before the optimiser: FSDP
         optimizer = build_optimizer(self.model, args.learning_rate, args.weight_decay, args.adam_betas)
         schedule = LRSchedule(optimizer, args.lr_scheduler, total_steps, warmup, args.min_lr_ratio,
                               args.plateau_factor, args.plateau_patience, greater)
-        wrapped = self.model
-        if self.world_size > 1:
-            wrapped = nn.parallel.DistributedDataParallel(self.model)
         state = {"step": 0, "epoch": 0, "group_in_epoch": 0, "best_metric": None, "best_step": None,
                  "bad_evals": 0, "history": [], "stopped_early": False}
         if resume_from:
@@ -212,7 +223,7 @@ class Trainer:
                         log_loss, log_count, log_tokens, log_start = 0.0, 0, 0, time.perf_counter()
                     end_of_epoch = state["group_in_epoch"] == len(groups)
                     if self.eval_dataset is not None and (
-                        (args.eval_steps and step % args.eval_steps == 0)
+                        (eval_every and step % eval_every == 0)
                         or (not args.eval_steps and end_of_epoch) or step == total_steps
                     ):
                         self._evaluate_and_track(state, schedule, reporter, metric_name, greater)
@@ -277,8 +288,7 @@ class Trainer:
 
     def _backward(self, wrapped: nn.Module, batch: dict[str, torch.Tensor], weight: float, sync: bool,
                   embeds: torch.Tensor | None = None, regularize: bool = True) -> float:
-        sync_context = contextlib.nullcontext() if sync or self.world_size == 1 else wrapped.no_sync()
-        with sync_context:
+        with gradient_sync(wrapped, sync or self.world_size == 1):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
                 if embeds is None:
                     loss = wrapped(**batch).loss
@@ -305,12 +315,15 @@ class Trainer:
         self.model.eval()
         loss_sum, count, probs, labels = 0.0, 0, [], []
         order = sorted(range(len(dataset)), key=self._lengths(dataset).__getitem__)  # less padding
-        order = order[self.rank :: self.world_size]  # each rank scores its share; gathered below
-        for start in range(0, len(order), self.args.eval_batch_size):
-            indices = order[start : start + self.args.eval_batch_size]
-            batch = {k: v.to(self.device) for k, v in self.collator([dataset[i] for i in indices]).items()}
+        share = order[self.rank :: self.world_size]  # each rank scores its share; gathered below
+        size = self.args.eval_batch_size
+        for start in range(0, math.ceil(len(order) / self.world_size / size) * size, size):
+            indices = share[start : start + size]  # every rank runs as many forwards (FSDP gathers in each)
+            batch = {k: v.to(self.device) for k, v in self.collator([dataset[i] for i in indices or order[:1]]).items()}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
                 out = self.model(**batch)
+            if not indices:
+                continue
             n = count_targets(batch["labels"])
             loss_sum, count = loss_sum + out.loss.float().item() * n, count + n
             if batch["labels"].ndim == 1:
@@ -358,8 +371,9 @@ class Trainer:
         best = state["best_metric"]
         if best is None or (value > best if greater else value < best):
             state.update(best_metric=value, best_step=state["step"], bad_evals=0)
+            weights = trainable_state(self.model)  # on every rank: gathering FSDP shards is collective
             if self.is_main:
-                ckpt.save_checkpoint(self.output_dir / "best", {"model": trainable_state(self.model)},
+                ckpt.save_checkpoint(self.output_dir / "best", {"model": weights},
                                      {"step": state["step"], metric: value})
         else:
             state["bad_evals"] += 1
@@ -370,9 +384,10 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------------
 
     def _save(self, state: dict, optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> None:
+        weights = trainable_state(self.model)  # on every rank: gathering FSDP shards is collective
         if not self.is_main:
             return
-        objects = {"model": trainable_state(self.model), "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state()}
+        objects = {"model": weights, "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state()}
         if self.hooks is not None and hasattr(self.hooks, "state_dict"):
             objects["hooks"] = self.hooks.state_dict()
         ckpt.save_checkpoint(self.checkpoint_dir / ckpt.checkpoint_name(state["step"]), objects,
@@ -380,6 +395,9 @@ class Trainer:
         ckpt.prune_checkpoints(self.checkpoint_dir, self.args.save_total_limit)
 
     def _resume(self, resume_from: str | Path | bool, optimizer: torch.optim.Optimizer, schedule: LRSchedule) -> dict:
+        if self.world_size > 1 and self.args.distributed == "fsdp":
+            raise TrainingError("resuming an FSDP run is not supported (its optimiser state is sharded); "
+                                "resume with distributed='ddp' or start the run again")
         if resume_from is True:
             found = ckpt.list_checkpoints(self.checkpoint_dir)
             if not found:

@@ -86,7 +86,7 @@ def test_bad_input_raises(tiny, prompts, options, message):
 def test_default_model_batched_equals_single(default_model, default_tokenizer):
     texts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):"]
     prompts = [default_tokenizer.encode(t) for t in texts]
-    engine = DecodeEngine(default_model, fuse=False)  # the session model must stay unmodified
+    engine = DecodeEngine(default_model)  # builds its own fused copy: the session model stays as it is
     expected = [generate(default_model, torch.tensor([p]), max_new_tokens=6, eos_token_id=[])[0, len(p):].tolist()
                 for p in prompts]
     assert generate_batch(engine, prompts, max_new_tokens=6, batch_size=2, eos_token_id=[]) == expected

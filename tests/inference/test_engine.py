@@ -1,4 +1,4 @@
-"""The lean decode path: fused projections, the static cache, the engine (native, eager and compiled)."""
+"""The decode engine behind model.generate: its fused view, the static cache, its steps (native, eager, compiled)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import warnings
 import pytest
 import torch
 
-from laformer import GenerationError, LaFormerConfig, LaFormerForCausalLM
+from laformer import GenerationError, KVCache, LaFormerConfig, LaFormerForCausalLM
 from laformer.generation import generate
-from laformer.inference import DecodeEngine, StaticKVCache, fuse_projections
+from laformer.inference import DecodeEngine, StaticKVCache
+from laformer.inference.fused import FusedView
 from laformer.inference.native_step import native_available
 
 TEXT = ("The history of the city begins in the Roman period, when a small settlement grew up at a crossing of the "
@@ -43,39 +44,69 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def reference(model, ids, mask=None, **options) -> torch.Tensor:
+    """The plain loop: one ``model(...)`` call per token over a growable cache, no engine."""
+    return generate(model, ids, mask, cache=KVCache(len(model.model.layers)), **options)
+
+
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
-def test_fuse_projections_keeps_outputs_and_names(tiny, mode):
-    plain = copy.deepcopy(tiny)
+def test_fused_view_matches_the_model_and_leaves_it_alone(tiny, mode):
+    model = copy.deepcopy(tiny)
     if mode:
-        quantize_model(plain, mode, 32)
-    fused = copy.deepcopy(plain)
-    assert fuse_projections(fused) == 2 * CONFIG["num_hidden_layers"]
-    assert hasattr(fused.model.layers[0].self_attn, "qkv_proj") and hasattr(fused.model.layers[0].mlp, "gate_up_proj")
-    ids = torch.randint(0, CONFIG["vocab_size"], (2, 9))
+        quantize_model(model, mode, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    view = FusedView.create(model)
+    x = torch.randn(2, 5, CONFIG["hidden_size"])
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    fused_attn, fused_mlp = view.decoder.layers[1].self_attn, view.decoder.layers[1].mlp
     with torch.no_grad():
-        torch.testing.assert_close(fused(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
-    # Hugging Face names on the outside: the state dict is the unfused one, and it loads back into a fused model.
-    state, fused_state = plain.state_dict(), fused.state_dict()
-    assert sorted(fused_state) == sorted(state)
-    assert all(torch.equal(fused_state[k], state[k]) for k in state)
-    other = LaFormerForCausalLM.from_config(LaFormerConfig(**CONFIG), seed=5).eval()
-    if mode:
-        quantize_model(other, mode, 32)
-    fuse_projections(other)
-    other.load_state_dict(state)
-    with torch.no_grad():
-        torch.testing.assert_close(other(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused_attn.qkv_proj(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
+        torch.testing.assert_close(fused_mlp.gate_up_proj(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
+    assert fused_attn.o_proj is attn.o_proj and fused_attn.backend is attn.backend
+    # The model keeps its Hugging Face layout: same modules, same state dict.
+    assert type(attn.q_proj) is type(model.model.layers[0].self_attn.k_proj) and not hasattr(attn, "qkv_proj")
+    assert sorted(model.state_dict()) == sorted(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
-def test_fuse_projections_leaves_lora_wrapped_layers_alone(tiny):
+def test_fused_view_refuses_wrapped_projections(tiny):
     model = copy.deepcopy(tiny)
     model.model.layers[0].self_attn.q_proj = torch.nn.Sequential(model.model.layers[0].self_attn.q_proj)
-    assert fuse_projections(model) == 2 * CONFIG["num_hidden_layers"] - 1
+    assert "layer 0's q/k/v" in FusedView.create(model)
+
+
+def test_peft_still_finds_q_proj_after_generate(tiny):
+    from laformer.peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(tiny)
+    before = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert sum("lora_A" in name for name, _ in lora.named_parameters()) == 2 * CONFIG["num_hidden_layers"]
+    # A fresh LoRA is zero: same tokens, now through the PyTorch step (adapters are not fused).
+    assert torch.equal(generate(lora, torch.tensor([[1, 2, 3]]), max_new_tokens=4), before)
+
+
+def test_engine_is_built_once_and_rebuilds_its_fused_copy_when_weights_change(tiny):
+    from laformer.inference import engine_for
+
+    model = copy.deepcopy(tiny)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    first = generate(model, ids, max_new_tokens=6)
+    engine = engine_for(model)
+    assert engine is engine_for(model) and engine.model is model
+    generate(model, ids, max_new_tokens=6)
+    assert engine_for(model) is engine
+    assert copy.deepcopy(model).__dict__["_decode_engine"].engine is None  # copies start without one
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(-1.0)  # in place: same pointer, new version
+    changed = generate(model, ids, max_new_tokens=6)
+    assert torch.equal(changed, reference(model, ids, max_new_tokens=6))
+    assert not torch.equal(changed, first)
 
 
 def test_static_cache_in_plain_generate_matches_growable_cache(tiny, batch):
     ids, mask = batch
-    expected = generate(tiny, ids, mask, max_new_tokens=12)
+    expected = reference(tiny, ids, mask, max_new_tokens=12)
     cache = StaticKVCache(tiny.config, 3, 11 + 12)
     torch.testing.assert_close(generate(tiny, ids, mask, max_new_tokens=12, cache=cache), expected)
     assert cache.get_seq_length() == 11 + 11
@@ -95,15 +126,15 @@ def test_static_cache_errors(tiny):
 @pytest.mark.parametrize("native", [True, False])
 def test_engine_equals_plain_generate_on_padded_batch(tiny, batch, native):
     ids, mask = batch
-    expected = generate(tiny, ids, mask, max_new_tokens=20)
+    expected = reference(tiny, ids, mask, max_new_tokens=20)
     engine = DecodeEngine(copy.deepcopy(tiny), native=native)
     torch.testing.assert_close(generate(engine.model, ids, mask, max_new_tokens=20, engine=engine), expected)
     # The buffers are reused by the next request; the result does not depend on what they held.
     torch.testing.assert_close(generate(engine.model, ids, mask, max_new_tokens=20, engine=engine), expected)
     assert engine.path == ("native" if native and native_available() else "eager")
     with torch.no_grad():
-        reference = tiny(ids, mask).logits[:, -1]
-    torch.testing.assert_close(engine.prefill(ids, mask), reference, rtol=1e-5, atol=1e-5)
+        logits = tiny(ids, mask).logits[:, -1]
+    torch.testing.assert_close(engine.prefill(ids, mask), logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -121,7 +152,7 @@ def test_unpadded_prompts_prefill_on_the_causal_path(tiny, native, monkeypatch):
         torch.testing.assert_close(engine.prefill(ids, None, 5), tiny(ids).logits[:, -1], rtol=1e-5, atol=1e-5)
     assert seen[0] == (9, True)
     torch.testing.assert_close(generate(engine.model, ids, max_new_tokens=8, engine=engine),
-                               generate(tiny, ids, max_new_tokens=8))
+                               reference(tiny, ids, max_new_tokens=8))
 
 
 def test_engine_with_sampling_and_repetition_penalty_matches_plain(tiny, batch):
@@ -129,7 +160,7 @@ def test_engine_with_sampling_and_repetition_penalty_matches_plain(tiny, batch):
     options = dict(max_new_tokens=10, do_sample=True, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=3)
     engine = DecodeEngine(copy.deepcopy(tiny))
     torch.testing.assert_close(generate(engine.model, ids, mask, engine=engine, **options),
-                               generate(tiny, ids, mask, **options))
+                               reference(tiny, ids, mask, **options))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -137,8 +168,8 @@ def test_engine_composes_with_quantized_models(tiny, batch, mode):
     """The PyTorch step keeps float activations: exactly plain generation (the native step is tested below)."""
     ids, mask = batch
     model = quantize_model(copy.deepcopy(tiny), mode, 32)
-    expected = generate(model, ids, mask, max_new_tokens=10)
-    engine = DecodeEngine(model, native=False)  # fuses the quantized projections too
+    expected = reference(model, ids, mask, max_new_tokens=10)
+    engine = DecodeEngine(model, native=False)
     torch.testing.assert_close(generate(model, ids, mask, max_new_tokens=10, engine=engine), expected)
 
 
@@ -191,7 +222,7 @@ def test_native_step_falls_back_where_it_does_not_apply(tiny, batch, monkeypatch
     wrapped = copy.deepcopy(tiny)
     wrapped.model.layers[1].mlp.down_proj = torch.nn.Sequential(wrapped.model.layers[1].mlp.down_proj)
     engine = DecodeEngine(wrapped)
-    expected = generate(tiny, ids, mask, max_new_tokens=4)
+    expected = reference(tiny, ids, mask, max_new_tokens=4)
     torch.testing.assert_close(generate(wrapped, ids, mask, max_new_tokens=4, engine=engine), expected)
     assert engine.path == "eager" and "down_proj is a Sequential" in engine.native_problem
     half = DecodeEngine(copy.deepcopy(tiny).to(torch.bfloat16))
@@ -230,7 +261,7 @@ def test_engine_routes_attention_through_the_backend(tiny, batch):
     ids, mask = batch
     engine = DecodeEngine(copy.deepcopy(tiny))
     out = generate(engine.model, ids, mask, max_new_tokens=3, engine=engine, attention=backend)
-    torch.testing.assert_close(out, generate(tiny, ids, mask, max_new_tokens=3))
+    torch.testing.assert_close(out, reference(tiny, ids, mask, max_new_tokens=3))
     assert [c[0] for c in calls[:2]] == [0, 1] and calls[0][1] == 11 and calls[-1][1] == 1
     assert calls[-1][2] == engine.cache.max_length  # the step sees the whole fixed-shape buffer, masked
     assert engine.path == "eager" and "another attention backend" in engine.native_problem
@@ -268,7 +299,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(tiny, batch, monkeyp
     with pytest.warns(RuntimeWarning, match="torch.compile is unavailable"):
         out = generate(engine.model, ids, mask, max_new_tokens=5, engine=engine)
     assert not engine.compiled
-    torch.testing.assert_close(out, generate(tiny, ids, mask, max_new_tokens=5))
+    torch.testing.assert_close(out, reference(tiny, ids, mask, max_new_tokens=5))
 
 
 @pytest.mark.slow
