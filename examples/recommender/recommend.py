@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,7 +294,7 @@ def plot(metrics: dict[str, dict[str, float]], path: Path, readers: int) -> None
     for offset, key in ((-0.2, f"recall@{K}"), (0.2, f"ndcg@{K}")):
         bars = ax.bar(x + offset, [metrics[n][key] for n in names], width=0.4, label=key)
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
-    ax.set_xticks(x, names, fontsize=9)
+    ax.set_xticks(x, [textwrap.fill(n, 16) for n in names], fontsize=9)
     ax.set_title(f"AG News recommendations for {readers} simulated readers")
     ax.legend()
     fig.tight_layout()
