@@ -1,25 +1,12 @@
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "customer_service" / "assistant.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("assistant", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def trained(shared_data, small_model_dir, tmp_path_factory):
+def trained(load_example, shared_data, small_model_dir, tmp_path_factory):
     """The example trained once on a small slice: (the example module, its output folder)."""
-    assistant = load_example()
+    assistant = load_example("customer_service/assistant.py")
     out = tmp_path_factory.mktemp("cs")
     assistant.main(["train", "--data", str(shared_data / "banking77"), "--model", str(small_model_dir),
                     "--output", str(out), "--train-examples", "800", "--eval-examples", "150", "--steps", "30",

@@ -1,16 +1,8 @@
-import importlib.util
 import json
-import sys
-from pathlib import Path
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "financial_monitor" / "monitor.py"
 
 
-def test_monitor_end_to_end(shared_data, small_model_dir, tmp_path):
-    spec = importlib.util.spec_from_file_location("monitor", EXAMPLE)
-    monitor = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = monitor  # dataclasses look their module up
-    spec.loader.exec_module(monitor)
+def test_monitor_end_to_end(load_example, shared_data, small_model_dir, tmp_path):
+    monitor = load_example("financial_monitor/monitor.py")
     out = tmp_path / "fm"
     monitor.main(["run", "--data", str(shared_data / "financial_phrasebank"), "--model", str(small_model_dir),
                   "--output", str(out), "--steps", "60", "--lr", "5e-3"])

@@ -1,23 +1,10 @@
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "recommender" / "recommend.py"
 
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("recommend", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_recommender_end_to_end(shared_data, small_model_dir, tmp_path):
-    recommend = load_example()
+def test_recommender_end_to_end(load_example, shared_data, small_model_dir, tmp_path):
+    recommend = load_example("recommender/recommend.py")
     out = tmp_path / "rec"
     readers = 30
     report = recommend.main(["--data", str(shared_data / "ag_news"), "--model", str(small_model_dir),
@@ -43,8 +30,8 @@ def test_recommender_end_to_end(shared_data, small_model_dir, tmp_path):
     assert (out / "reranker" / "laformer_finetune.json").is_file()
 
 
-def test_recommender_names_missing_data(tmp_path, capsys):
-    recommend = load_example()
+def test_recommender_names_missing_data(load_example, tmp_path, capsys):
+    recommend = load_example("recommender/recommend.py")
     with pytest.raises(SystemExit):
         recommend.main(["--data", str(tmp_path)])
     assert "AG News not found" in capsys.readouterr().err
