@@ -361,7 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cmd.add_argument("--model", default=DEFAULT_MODEL)
     cmd.add_argument("--method", default="lora", help="fine-tuning method (lora, adalora, adapter, prefix, full)")
     cmd.add_argument("--train-examples", type=int, default=0, help="0: all")
-    cmd.add_argument("--steps", type=int, default=150)
+    cmd.add_argument("--steps", type=int, default=100)
     cmd.add_argument("--batch-size", type=int, default=16)
     cmd.add_argument("--max-length", type=int, default=48)
     cmd.add_argument("--lr", type=float, default=2e-3)
