@@ -9,8 +9,8 @@ default instruct model then rewrites the chosen answer as a reply, grounded in i
     python examples/customer_service/assistant.py serve --port 8000  # HTTP service on 127.0.0.1 (laformer[serve])
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the request model of build_app (a local class) as a
+# class, not as the string "Message", or it reads the body as a missing query parameter and answers 422.
 import argparse
 import json
 import random

@@ -5,8 +5,9 @@ A LoRA-fine-tuned classifier (negative / neutral / positive) scores each headlin
 of the whole stream and of each topic and company it recognises, and raises an alert by this rule:
 
     the negative share of the last --window headlines is >= --threshold, and exceeds the share of the
-    --baseline headlines before them by >= --jump; after an alert the rule re-arms once the share falls
-    below half the threshold (one alert per burst, not one per headline).
+    --baseline headlines before them by >= --jump, once at least --window headlines came before the window (a
+    baseline to jump from); after an alert the rule re-arms once the share falls below half the threshold
+    (one alert per burst, not one per headline).
 
 Topics come from keyword lists (TOPICS below); a company is a capitalised name followed by a legal suffix
 (Oyj, Plc, AB, Corp, ...). Both are plain, stated rules, shown so a user can swap in their own.
@@ -87,8 +88,8 @@ class Track:
         before = list(self.labels)[: -self.rule.window]
         share = sum(recent) / len(recent)
         base = sum(before) / len(before) if before else 0.0
-        fire = (self.armed and len(recent) == self.rule.window and share >= self.rule.threshold
-                and share - base >= self.rule.jump)
+        warmed_up = len(before) >= self.rule.window  # no "jump" before there is a baseline to jump from
+        fire = (self.armed and warmed_up and share >= self.rule.threshold and share - base >= self.rule.jump)
         if fire:
             self.armed = False
         elif share < self.rule.threshold / 2:
@@ -147,8 +148,8 @@ def burst_replay(texts: list[str], labels: list[str], bursts: int, burst_size: i
                  start: datetime) -> tuple[list[dict], list[tuple[datetime, datetime]]]:
     """Validation headlines as a stream: non-negative ones shuffled, negatives injected as ``bursts`` clusters.
 
-    Each cluster is ``burst_size`` negatives mixed with half as many background headlines, at evenly spaced,
-    known positions; returns the rows and each burst's (first, last) time, the alerts we expect.
+    Each cluster is ``burst_size`` negatives mixed with a quarter as many background headlines (80 % negative),
+    at evenly spaced, known positions; returns the rows and each burst's (first, last) time, the alerts we expect.
     """
     rng = random.Random(seed)
     negatives = [t for t, y in zip(texts, labels) if y == "negative"]
@@ -164,7 +165,7 @@ def burst_replay(texts: list[str], labels: list[str], bursts: int, burst_size: i
         if b == bursts:
             break
         cluster = [(t, "negative") for t in negatives[b * burst_size : (b + 1) * burst_size]]
-        mixed = cluster + [rows.pop() for _ in range(burst_size // 2)]  # background moved into the burst
+        mixed = cluster + [rows.pop() for _ in range(burst_size // 4)]  # background moved into the burst
         rng.shuffle(mixed)
         spans.append((len(rows), len(rows) + len(mixed) - 1))
         rows += mixed
@@ -245,7 +246,8 @@ def write_outputs(output: Path, name: str, scored: list[dict], alerts: list[dict
 def markdown_report(report: dict, rule: AlertRule) -> str:
     lines = ["# Financial sentiment monitor: report", "",
              f"Alert rule: negative share of the last {rule.window} headlines >= {rule.threshold} and at least "
-             f"{rule.jump} above the {rule.baseline} headlines before them; re-armed below {rule.threshold / 2}.", "",
+             f"{rule.jump} above the {rule.baseline} headlines before them (at least {rule.window} of them); re-armed below "
+             f"{rule.threshold / 2}.", "",
              f"Classifier on the validation split: accuracy {report['classifier']['accuracy']}, macro-F1 "
              f"{report['classifier']['macro_f1']} ({report['classifier']['headlines']} headlines).", "",
              "| replay | headlines | bursts | alerts | true alerts | precision | recall |", "|---|---|---|---|---|---|---|"]
@@ -359,14 +361,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cmd.add_argument("--model", default=DEFAULT_MODEL)
     cmd.add_argument("--method", default="lora", help="fine-tuning method (lora, adalora, adapter, prefix, full)")
     cmd.add_argument("--train-examples", type=int, default=0, help="0: all")
-    cmd.add_argument("--steps", type=int, default=150)
+    cmd.add_argument("--steps", type=int, default=100)
     cmd.add_argument("--batch-size", type=int, default=16)
     cmd.add_argument("--max-length", type=int, default=48)
     cmd.add_argument("--lr", type=float, default=2e-3)
     cmd.add_argument("--no-balance", dest="balance", action="store_false",
                      help="train on the natural class mix instead of oversampling to balanced classes")
-    cmd.add_argument("--bursts", type=int, default=3, help="negative bursts injected into the replay")
-    cmd.add_argument("--burst-size", type=int, default=8, help="negative headlines per burst")
+    cmd.add_argument("--bursts", type=int, default=2, help="negative bursts injected into the replay (each judged "
+                     "against a clean baseline only while the gaps between them exceed --baseline)")
+    cmd.add_argument("--burst-size", type=int, default=12, help="negative headlines per burst")
     cmd.add_argument("--seed", type=int, default=0)
     cmd.set_defaults(func=run)
     cmd = commands.add_parser("watch", parents=[common], help="score a stream and alert")
