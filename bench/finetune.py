@@ -310,7 +310,8 @@ def classification_bench(args: argparse.Namespace) -> None:
         print(f"| {side} | {r['epochs']} ({r['steps']}) | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['seconds']:.0f} "
               f"| {r['peak_rss_gb']:.2f} | {ratio} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"dataset": args.dataset, "train_examples": args.train_examples,
+        Path(args.json).write_text(json.dumps({"dataset": args.dataset, "labels": len(labels),
+                                               "train_examples": args.train_examples, "dev": args.dev,
                                                "eval": args.eval, "results": results}, indent=2))
 
 

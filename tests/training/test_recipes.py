@@ -4,6 +4,7 @@ evaluation rhythm, early stopping and the best checkpoint by validation macro-F1
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -71,6 +72,25 @@ def test_warmup_then_cosine_to_zero():
 
 
 # -- the trainer's side of the recipe -------------------------------------------------------------------
+
+def test_default_recipe_warms_up_then_decays_by_cosine(tmp_path):
+    # The learning rates the trainer actually used under the default preset: a constant rate, a linear decay or no
+    # warm-up each fail one of these.
+    preset = get_preset("default")
+    args = quiet(tmp_path, batch_size=4, logging_steps=1, early_stopping_patience=None)
+    Trainer(tiny_classifier(), args, dataset(64)).train()
+    rates = [row["train/lr"] for row in json.loads((tmp_path / "metrics.json").read_text())["history"]
+             if "train/lr" in row]
+    total = 3 * 16
+    warmup = math.ceil(preset.warmup_ratio * total)
+    assert len(rates) == total and warmup >= 2
+    assert rates[0] < rates[warmup - 1] <= preset.learning_rate  # rising during warm-up
+    peak = rates.index(max(rates))
+    assert max(rates) == pytest.approx(preset.learning_rate, rel=0.05)
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :]))  # then only decaying
+    quarter = peak + (total - peak) // 4
+    assert rates[quarter] / max(rates) > 0.8  # cosine: ~0.85 a quarter of the way down (linear would be 0.75)
+    assert rates[-1] < 0.02 * preset.learning_rate
 
 def test_evaluations_spread_over_each_epoch(tmp_path):
     args = quiet(tmp_path, num_epochs=2, batch_size=8, evals_per_epoch=2, early_stopping_patience=None,
