@@ -1,392 +1,248 @@
-"""Generation benchmark: laformer (fp32, int8, int4; native, eager and compiled steps) against transformers and llama.cpp.
+"""Generation benchmark of the public API, as the README shows it, against transformers and llama.cpp in one run.
 
-Every side runs in its own subprocess (so peak RSS is its own) on the same token ids, with the same thread count,
-and the table is printed with ratios against the peers measured in the same run:
+laformer runs exactly the quick start: ``LaFormerForCausalLM.from_pretrained("smollm2-135m-instruct", quantize=...)``
+then ``model.generate(inputs.input_ids, attention_mask=inputs.attention_mask, max_new_tokens=N)`` on prompts from
+``tokenizer.apply_chat_template`` and ``tokenizer(..., padding=True)``. transformers runs the same weights (its own
+GGUF loader, float32) through its ``generate``; llama.cpp (llama-cpp-python) the same GGUF file, token by token.
 
-    python bench/generate.py            # full: 512-token prefill, 128 new tokens, 4 perplexity windows
-    python bench/generate.py --quick    # a few minutes: shorter prompts and decodes, 1 window
+    OMP_WAIT_POLICY=PASSIVE python bench/generate.py            # ~3-5 minutes on 2 shared cores
+    OMP_WAIT_POLICY=PASSIVE python bench/generate.py --sides laformer-int8,llama.cpp --rounds 2
 
-Columns: load (s), peak RSS during load + generation (MB), prefill tokens/s (one forward over the prompt,
-last-position logits), greedy decode tokens/s at batch 1 and 8 (timed as generate(N) minus generate(1), i.e.
-without the prefill), perplexity over 512-token windows of wikitext-2 test. Decode is memory-bound at batch 1,
-so the machine's read bandwidth is measured too and each side's bound = bandwidth / bytes of weights per token.
-
-All three sides run their threads through OpenMP (libgomp), whose idle threads spin by default: the fastest choice
-on an idle machine, but with another busy process on a 2-core machine every parallel region waits for a thread
-that has no core, and decode slowed 20-50x for every side here. On a shared machine run with
-``OMP_WAIT_POLICY=PASSIVE`` (passed to every side alike; the header prints it).
+Every side is one long-lived process (its own threads, 2 by default) and the parent interleaves them: each round
+asks every side for one batch-1 and one batch-8 measurement in turn, and a side's rate is its best round, so a
+burst of load from other processes costs every side alike. Decode tokens/s = new tokens / (time of generate(N) -
+time of generate(1)), i.e. without the prefill. "first call" is the first ``generate`` after ``from_pretrained`` over
+the warm one (same request); the one-time kernel build (C compiler, cached in $LAFORMER_CACHE) is timed apart, in a
+fresh cache, and not part of the first call. Targets: batch 1 >= 1.5x llama.cpp, batch 8 >= 4x transformers, first
+call <= 1.2x warm.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-# laformer-W is the engine's default (the native step); -eager and -compiled run its PyTorch step.
-MODES = [f"laformer-{width}{step}" for width in ("fp32", "int8", "int4") for step in ("", "-eager", "-compiled")]
-MODES += ["transformers-fp32", "llama.cpp"]
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "longtext" / "wikitext2_test.raw.txt"
+SIDES = ["laformer-fp32", "laformer-int8", "laformer-int4", "transformers", "llama.cpp"]
+QUESTIONS = ["What is the capital of France?", "Give me three tips for staying focused while studying.",
+             "Explain photosynthesis in one paragraph.", "Write a haiku about the sea.",
+             "How do I reverse a list in Python?", "What causes the seasons on Earth?",
+             "Suggest a name for a small bakery.", "Summarise the plot of Romeo and Juliet in two sentences."]
 
 
 # ----------------------------------------------------------------------------------------------- workers
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _window_perplexity(model, windows: list[list[int]]) -> float:
-    """exp(mean next-token loss) over the given token windows, each scored on its own."""
-    import torch
-
-    nll, count = 0.0, 0
-    for window in windows:
-        ids = torch.tensor([window])
-        nll += float(model(ids, labels=ids).loss) * (len(window) - 1)
-        count += len(window) - 1
-    return math.exp(nll / count)
-
-
-def _decode_perplexity(engine, windows: list[list[int]]) -> float:
-    """Perplexity of the same windows teacher-forced through the engine's decode step, one token at a time: what
-    generation sees (the native step's int8 activations differ from the forward pass's float ones)."""
-    import torch
-
-    nll, count = 0.0, 0
-    for window in windows:
-        logits = engine.prefill(torch.tensor([window[:1]]), None, len(window))
-        for t in range(1, len(window)):
-            nll -= float(torch.log_softmax(logits[0], -1)[window[t]])
-            if t < len(window) - 1:
-                logits = engine.decode(torch.tensor([window[t]]))
-        count += len(window) - 1
-    return math.exp(nll / count)
-
-
-def _best(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` timed calls (the least disturbed by other processes)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def _decode_rate(generate, prompts, new_tokens: int, repeats: int) -> tuple[float, list]:
-    """Tokens/s of the decode phase alone: generate(new_tokens) minus generate(1), per row."""
-    one = _best(lambda: generate(prompts, 1), repeats)
-    outputs = []
-    full = _best(lambda: outputs.append(generate(prompts, new_tokens)), repeats)
-    return len(prompts) * (new_tokens - 1) / max(full - one, 1e-9), outputs[-1]
-
-
-def worker_laformer(mode: str, data: dict) -> dict:
-    import torch
-
-    from laformer import LaFormerForCausalLM
-    from laformer.generation import generate
-    from laformer.inference import DecodeEngine
-
-    quantize = {"int8": "int8", "int4": "int4"}.get(mode.split("-")[1])
+def _timed(fn) -> float:
     start = time.perf_counter()
-    model = LaFormerForCausalLM.from_pretrained(data["model"], quantize=quantize)
-    step = mode.split("-")[2] if mode.count("-") == 2 else "native"
-    engine = DecodeEngine(model, compile=step == "compiled", native=step == "native")
+    fn()
+    return time.perf_counter() - start
+
+
+def laformer_side(mode: str, new_tokens: int):
+    """The README's quick start; returns (load seconds, first call seconds, measure(batch, n) -> seconds)."""
+    from laformer import LaFormerForCausalLM, LaFormerTokenizer
+
+    start = time.perf_counter()
+    tokenizer = LaFormerTokenizer.from_pretrained("smollm2-135m-instruct")
+    model = LaFormerForCausalLM.from_pretrained("smollm2-135m-instruct",
+                                                quantize=None if mode == "fp32" else mode)
     load = time.perf_counter() - start
-    state = model.state_dict()  # holds lm_head too when tied; the embedding itself costs one row per token
-    weight_bytes = sum(t.numel() * t.element_size() for name, t in state.items() if "embed_tokens" not in name)
+    tokenizer.padding_side = "left"
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=False) for q in QUESTIONS]
+    inputs = {b: tokenizer(prompts[:b], return_tensors="pt", padding=True, add_special_tokens=False) for b in (1, 8)}
 
-    def run(prompts, n):
-        ids = torch.tensor(prompts)
-        return generate(model, ids, max_new_tokens=n, eos_token_id=[], engine=engine)[:, ids.shape[1]:].tolist()
+    def measure(batch: int, n: int) -> float:
+        x = inputs[batch]
+        return _timed(lambda: model.generate(x.input_ids, attention_mask=x.attention_mask, max_new_tokens=n,
+                                             eos_token_id=[]))
 
-    with torch.inference_mode():
-        start = time.perf_counter()
-        # Warm-up at the measured sizes, so a compiled step is compiled here (once per batch size), not timed.
-        run(data["decode_prompts"][:1], data["new_tokens"])
-        engine.reset(len(data["decode_prompts"]), len(data["decode_prompts"][0]) + data["new_tokens"])
-        run(data["decode_prompts"], 2)
-        warmup = time.perf_counter() - start
-        decode1, out1 = _decode_rate(run, data["decode_prompts"][:1], data["new_tokens"], data["repeats"])
-        decode8, out8 = _decode_rate(run, data["decode_prompts"], data["new_tokens"], data["repeats"])
-        # Prefill last: its longer cache would otherwise be reused by the decodes, at a shape not compiled yet.
-        prompt = torch.tensor([data["prefill_prompt"]])
-        prefill = len(data["prefill_prompt"]) / _best(lambda: engine.prefill(prompt, None, 1), data["repeats"])
-        rss = _peak_rss_mb()
-        ppl = _window_perplexity(model, data["ppl_windows"])
-        # The PyTorch steps compute the forward pass's arithmetic (float activations); the native one may not.
-        decode_ppl = _decode_perplexity(engine, data["ppl_windows"]) if step == "native" else None
-    return dict(load=load, warmup=warmup, rss=rss, prefill=prefill, decode1=decode1, decode8=decode8,
-                ppl=ppl, decode_ppl=decode_ppl, weight_bytes=weight_bytes, greedy=out1[0], greedy8=out8,
-                compiled=engine.compiled, path=engine.path)
+    first = measure(1, new_tokens)
+    return load, first, measure, dict(path=_engine_path(model))
 
 
-def worker_transformers(mode: str, data: dict) -> dict:
+def _engine_path(model) -> str:
+    from laformer.inference import engine_for
+
+    engine = engine_for(model)
+    return engine.path + (f" ({engine.native_problem})" if engine.native_problem else "")
+
+
+def _chat_ids(batch: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The laformer side's exact prompts as left-padded ids and masks, for the peers."""
+    from laformer import LaFormerTokenizer
+
+    tokenizer = LaFormerTokenizer.from_pretrained("smollm2-135m-instruct")
+    tokenizer.padding_side = "left"
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=False) for q in QUESTIONS[:batch]]
+    x = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return x.input_ids.tolist(), x.attention_mask.tolist()
+
+
+def transformers_side(new_tokens: int):
     import torch
     import transformers
 
-    path = Path(data["gguf"])
+    from laformer.formats.registry import DEFAULT_MODEL, resolve
+
+    path = resolve(DEFAULT_MODEL)
     start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
     load = time.perf_counter() - start
-    weight_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "embed_tokens" not in n)
-    weight_bytes += model.lm_head.weight.numel() * 4 if model.config.tie_word_embeddings else 0
+    inputs = {b: [torch.tensor(t) for t in _chat_ids(b)] for b in (1, 8)}
 
-    def run(prompts, n):
-        ids = torch.tensor(prompts)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
-        return out[:, ids.shape[1]:].tolist()
+    def measure(batch: int, n: int) -> float:
+        ids, mask = inputs[batch]
+        with torch.inference_mode():
+            return _timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                                 do_sample=False, pad_token_id=0))
 
-    with torch.inference_mode():
-        start = time.perf_counter()
-        run(data["decode_prompts"][:1], 4)
-        warmup = time.perf_counter() - start
-        prompt = torch.tensor([data["prefill_prompt"]])
-        prefill = len(data["prefill_prompt"]) / _best(lambda: model(prompt, logits_to_keep=1), data["repeats"])
-        decode1, out1 = _decode_rate(run, data["decode_prompts"][:1], data["new_tokens"], data["repeats"])
-        decode8, out8 = _decode_rate(run, data["decode_prompts"], data["new_tokens"], data["repeats"])
-        rss = _peak_rss_mb()
-        ppl = _window_perplexity(model, data["ppl_windows"])
-    return dict(load=load, warmup=warmup, rss=rss, prefill=prefill, decode1=decode1, decode8=decode8,
-                ppl=ppl, weight_bytes=weight_bytes, greedy=out1[0], greedy8=out8)
+    first = measure(1, new_tokens)
+    return load, first, measure, {}
 
 
-def worker_llama_cpp(mode: str, data: dict) -> dict:
+def llama_cpp_side(new_tokens: int, threads: int):
     import numpy as np
     import llama_cpp
-    from gguf import GGUFReader
     from llama_cpp import Llama
 
-    threads = data["threads"]
-    context = max(len(data["prefill_prompt"]), len(data["decode_prompts"][0]) + data["new_tokens"]) + 8
+    from laformer.formats.registry import DEFAULT_MODEL, resolve
+
     start = time.perf_counter()
-    llm = Llama(model_path=data["gguf"], n_ctx=context, n_batch=512, n_threads=threads, n_threads_batch=threads,
+    llm = Llama(model_path=str(resolve(DEFAULT_MODEL)), n_ctx=512, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
     load = time.perf_counter() - start
-    reader = GGUFReader(data["gguf"])
-    weight_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
-    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    if not any(t.name == "output.weight" for t in reader.tensors):  # tied: the embedding is the output head
-        weight_bytes += int(embedding.n_bytes)
+    ids = {b: [[t for t, m in zip(row, mask) if m] for row, mask in zip(*_chat_ids(b))] for b in (1, 8)}
 
-    def last_logits():  # llm.scores is only filled with logits_all=True
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    def measure(batch: int, n: int) -> float:
+        def run():
+            for prompt in ids[batch]:  # the high-level API decodes one sequence at a time
+                llm.reset()
+                llm.eval(prompt)
+                for i in range(n):
+                    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+                    if i < n - 1:
+                        llm.eval([int(np.argmax(logits))])
+        return _timed(run)
 
-    def run(prompts, n):
-        outputs = []
-        for prompt in prompts:  # the high-level API decodes one sequence at a time
-            llm.reset()
-            llm.eval(prompt)
-            tokens = []
-            for _ in range(n):
-                token = int(np.argmax(last_logits()))
-                tokens.append(token)
-                if len(tokens) < n:
-                    llm.eval([token])
-            outputs.append(tokens)
-        return outputs
-
-    def prefill_once():
-        llm.reset()
-        llm.eval(data["prefill_prompt"])
-
-    start = time.perf_counter()
-    run(data["decode_prompts"][:1], 4)
-    warmup = time.perf_counter() - start
-    prefill = len(data["prefill_prompt"]) / _best(prefill_once, data["repeats"])
-    decode1, out1 = _decode_rate(run, data["decode_prompts"][:1], data["new_tokens"], data["repeats"])
-    rss = _peak_rss_mb()
-    del llm
-    scorer = Llama(model_path=data["gguf"], n_ctx=max(len(w) for w in data["ppl_windows"]) + 8, n_batch=512,
-                   n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
-    nll, count = 0.0, 0
-    for window in data["ppl_windows"]:
-        scorer.reset()
-        scorer.eval(window)
-        logits = np.asarray(scorer.scores[: len(window) - 1], dtype=np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= float(logp[np.arange(len(window) - 1), window[1:]].sum())
-        count += len(window) - 1
-    return dict(load=load, warmup=warmup, rss=rss, prefill=prefill, decode1=decode1, decode8=None,
-                ppl=math.exp(nll / count), weight_bytes=weight_bytes, greedy=out1[0], greedy8=None)
+    first = measure(1, new_tokens)
+    return load, first, measure, {}
 
 
-def run_worker(mode: str, data_path: str, out_path: str) -> None:
-    data = json.loads(Path(data_path).read_text())
+def serve_worker(side: str, new_tokens: int, threads: int) -> None:
+    """Load, then answer "batch n" lines on stdin with the seconds the call took, one JSON line each."""
     import torch
 
-    torch.set_num_threads(data["threads"])
-    if mode.startswith("laformer"):
-        result = worker_laformer(mode, data)
-    elif mode.startswith("transformers"):
-        result = worker_transformers(mode, data)
+    torch.set_num_threads(threads)
+    if side.startswith("laformer"):
+        load, first, measure, info = laformer_side(side.split("-")[1], new_tokens)
+    elif side == "transformers":
+        load, first, measure, info = transformers_side(new_tokens)
     else:
-        result = worker_llama_cpp(mode, data)
-    Path(out_path).write_text(json.dumps(result))
+        load, first, measure, info = llama_cpp_side(new_tokens, threads)
+    if side != "llama.cpp":
+        measure(8, 2)  # a warm batch-8 call is what a server sees; its buffers are set up here, untimed
+    print(json.dumps(dict(load=load, first=first, **info)), flush=True)
+    for line in sys.stdin:
+        batch, n = map(int, line.split())
+        print(json.dumps(measure(batch, n)), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- parent
 
 
-def memory_bandwidth_gbs(threads: int) -> float:
-    """Read bandwidth: the best of a few reductions over a 512 MB tensor (far beyond the caches), as one stream and
-    as 8 (a single stream per thread reads slower here than a decode kernel does)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    x = torch.ones(128 * 1024 * 1024)
-    rows = x.view(8, -1)
-    x.sum()
-    return x.numel() * 4 / min(_best(lambda: x.sum(), 5), _best(lambda: rows.sum(1), 5)) / 1e9
-
-
-def prepare_data(args) -> dict:
-    from laformer.formats.registry import DEFAULT_MODEL, resolve
-    from laformer.tokenizer import LaFormerTokenizer
-
-    gguf = resolve(args.model if args.model != DEFAULT_MODEL else DEFAULT_MODEL)
-    tokenizer = LaFormerTokenizer.from_pretrained(gguf)
-    ids = tokenizer.encode(TEXT.read_text()[:400_000], add_special_tokens=False)
-    window = 512
-    prompt_len = args.prompt_tokens
-    decode_len = 64
-    decode_prompts = [ids[i * decode_len:(i + 1) * decode_len] for i in range(8)]
-    offset = 8 * decode_len
-    return dict(
-        model=str(gguf), gguf=str(gguf), threads=args.threads, repeats=args.repeats, new_tokens=args.new_tokens,
-        prefill_prompt=ids[offset:offset + prompt_len], decode_prompts=decode_prompts,
-        ppl_windows=[ids[offset + i * window:offset + (i + 1) * window] for i in range(args.ppl_windows)],
-    )
-
-
-def available(mode: str) -> str | None:
-    """None when ``mode`` can run here, else why not (with the install hint)."""
-    import importlib.util
-
-    if mode == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python not installed: pip install llama-cpp-python (compiles llama.cpp, a few minutes)"
-    if mode == "transformers-fp32" and importlib.util.find_spec("transformers") is None:
-        return "transformers not installed: pip install transformers"
-    if "-int" in mode and importlib.util.find_spec("laformer.quantization") is None:
-        return "laformer.quantization not available in this checkout"
-    return None
-
-
-_NATIVE_NOTE = " (the native step rounds activations to int8 for quantized weights: compare by dec ppl)"
-
-
-def _shared_prefix(a: list, b: list) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def fmt(value, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
+def kernel_build_seconds(env: dict) -> float:
+    """The one-time native build (every kernel laformer uses), timed in the fresh cache that ``env`` names."""
+    code = ("import time; t = time.perf_counter(); from laformer.quantization import kernels; "
+            "from laformer.inference.native_step import native_available; "
+            "assert kernels.available() and kernels.int8_rows_available() and native_available(); "
+            "print(time.perf_counter() - t)")
+    return float(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                                text=True).stdout)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="128-token prefill, 32 new tokens, 1 ppl window")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {SIDES}")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="registry name or GGUF path")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        run_worker(args.worker, args.data, args.out)
+        serve_worker(args.worker, args.new_tokens, args.threads)
         return
-    args.prompt_tokens, args.new_tokens, args.ppl_windows, args.repeats = (
-        (128, 32, 1, 1) if args.quick else (512, 128, 4, 2))
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown:
-        parser.error(f"unknown modes {unknown}; choose from {MODES}")
-
-    bandwidth = memory_bandwidth_gbs(args.threads)
-    data = prepare_data(args)
-    results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        data_path = Path(tmp) / "data.json"
-        data_path.write_text(json.dumps(data))
-        for mode in modes:
-            reason = available(mode)
-            if reason:
-                print(f"skipping {mode}: {reason}", flush=True)
+    sides = [s for s in args.sides.split(",") if s]
+    if unknown := set(sides) - set(SIDES):
+        parser.error(f"unknown sides {sorted(unknown)}; choose from {SIDES}")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), LAFORMER_CACHE=cache)
+        build = kernel_build_seconds(env) if any(s.startswith("laformer") for s in sides) else None
+        workers, info = {}, {}
+        for side in sides:  # one at a time, so the loads do not overlap
+            proc = subprocess.Popen([sys.executable, __file__, "--worker", side, "--new-tokens", str(args.new_tokens),
+                                     "--threads", str(args.threads)], env=env, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+            line = proc.stdout.readline()
+            if not line:
+                print(f"{side}: failed to start (exit code {proc.wait()}); left out", flush=True)
                 continue
-            out_path = Path(tmp) / f"{mode}.json"
-            print(f"running {mode} ...", flush=True)
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-            proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--data", str(data_path),
-                                   "--out", str(out_path)], env=env)
-            if proc.returncode or not out_path.is_file():
-                print(f"  {mode} failed (exit code {proc.returncode})", flush=True)
-                continue
-            results[mode] = json.loads(out_path.read_text())
+            workers[side], info[side] = proc, json.loads(line)
+            print(f"{side}: loaded in {info[side]['load']:.1f} s", flush=True)
+        best: dict[tuple[str, int, int], float] = {}
+        for _ in range(args.rounds):
+            for batch in (1, 8):
+                for side, proc in workers.items():
+                    if side == "llama.cpp" and batch == 8:
+                        continue  # sequential per prompt in its Python API: not a batch
+                    for n in (1, args.new_tokens):
+                        proc.stdin.write(f"{batch} {n}\n")
+                        proc.stdin.flush()
+                        seconds = json.loads(proc.stdout.readline())
+                        best[side, batch, n] = min(seconds, best.get((side, batch, n), float("inf")))
+        for proc in workers.values():
+            proc.stdin.close()
+            proc.wait()
+    report(args, sides=list(workers), info=info, best=best, build=build)
 
-    load_avg = os.getloadavg()[0]
-    print(f"\nmodel {Path(data['gguf']).name}, {args.threads} threads, prefill {len(data['prefill_prompt'])} tokens, "
-          f"decode {args.new_tokens} new tokens after 64-token prompts, ppl over {args.ppl_windows} x 512 tokens")
-    print(f"memory read bandwidth {bandwidth:.1f} GB/s; load average at the end {load_avg:.1f} on {os.cpu_count()} "
-          "CPUs (other processes share the machine: compare ratios, not absolute numbers); "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (threads spin)')}\n")
-    header = (f"{'side':<24}{'load s':>7}{'RSS MB':>8}{'prefill t/s':>12}{'dec b1 t/s':>11}{'dec b8 t/s':>11}"
-              f"{'ppl':>8}{'dec ppl':>8}{'MB/token':>9}{'b1 bound':>9}{'of bound':>9}{'b1/hf':>7}{'b1/llama':>9}{'b8/hf':>7}"
-              f"{'pre/hf':>7}{'pre/llama':>10}")
-    print(header)
-    print("-" * len(header))
-    hf, cpp = results.get("transformers-fp32"), results.get("llama.cpp")
 
-    def ratio(a, b, key):
-        return None if b is None or a.get(key) is None or not b.get(key) else a[key] / b[key]
+def report(args, sides, info, best, build) -> None:
+    n = args.new_tokens
 
-    for mode, r in results.items():
-        bound = bandwidth * 1e9 / r["weight_bytes"]
-        print(f"{mode:<24}{r['load']:>7.1f}{r['rss']:>8.0f}{r['prefill']:>12.1f}{r['decode1']:>11.1f}"
-              f"{fmt(r['decode8']):>11}{r['ppl']:>8.2f}{fmt(r.get('decode_ppl'), '.2f'):>8}"
-              f"{r['weight_bytes'] / 1e6:>9.1f}{bound:>9.1f}"
-              f"{r['decode1'] / bound:>9.0%}{fmt(ratio(r, hf, 'decode1'), '.2f'):>7}"
-              f"{fmt(ratio(r, cpp, 'decode1'), '.2f'):>9}{fmt(ratio(r, hf, 'decode8'), '.2f'):>7}"
-              f"{fmt(ratio(r, hf, 'prefill'), '.2f'):>7}{fmt(ratio(r, cpp, 'prefill'), '.2f'):>10}")
-    print("ppl: one forward pass per window; dec ppl: the same windows teacher-forced through the native decode step "
-          "(the eager and compiled steps compute the forward pass's arithmetic)\n")
-    for mode, r in results.items():
-        if r.get("warmup"):
-            path = f", decoded by the {r['path']} step" if r.get("path") else ""
-            print(f"{mode}: warm-up {r['warmup']:.1f} s{path}")
-    for width in ("fp32", "int8", "int4"):
-        native, eager, compiled = (results.get(f"laformer-{width}{step}") for step in ("", "-eager", "-compiled"))
-        if eager and compiled:
-            same = eager["greedy"] == compiled["greedy"] and eager["greedy8"] == compiled["greedy8"]
-            print(f"{width} greedy outputs, eager vs compiled (batch 1 and 8): {'identical' if same else 'DIFFERENT'}")
-        if native and (eager or compiled):
-            other = eager or compiled
-            rows = [native["greedy"], *native["greedy8"]], [other["greedy"], *other["greedy8"]]
-            shared = sum(_shared_prefix(a, b) for a, b in zip(*rows))
-            total = sum(len(a) for a in rows[0])
-            print(f"{width} greedy outputs, native vs {'eager' if eager else 'compiled'}: {shared}/{total} tokens "
-                  f"before the first difference, over the 9 rows{_NATIVE_NOTE if width != 'fp32' else ''}")
-    eager = results.get("laformer-fp32")
-    if eager:
-        single_vs_batch = eager["greedy"] == eager["greedy8"][0]
-        print(f"laformer fp32 greedy, batch 1 vs row 0 of batch 8: {'identical' if single_vs_batch else 'different'}")
-        for mode in ("transformers-fp32", "llama.cpp", "laformer-int8", "laformer-int4"):
-            if mode in results:
-                same = sum(a == b for a, b in zip(eager["greedy"], results[mode]["greedy"]))
-                print(f"greedy tokens shared with {mode}: {same}/{len(eager['greedy'])} (prefix agreement is what "
-                      "matters; different kernels round differently)")
+    def rate(side, batch):
+        if (side, batch, n) not in best:
+            return None
+        return batch * (n - 1) / max(best[side, batch, n] - best[side, batch, 1], 1e-9)
+
+    b1 = {s: rate(s, 1) for s in sides}
+    b8 = {s: rate(s, 8) for s in sides}
+    print(f"\n{args.threads} threads, {n} new tokens after chat prompts, best of {args.rounds} interleaved rounds; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset (threads spin)')}, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (compare ratios, not absolute numbers)\n")
+    print("| side | load s | first call / warm | decode b1 tok/s | b1 / llama.cpp | decode b8 tok/s | b8 / transformers |")
+    print("|---|---|---|---|---|---|---|")
+
+    def ratio(a, b):
+        return "-" if a is None or not b else f"{a / b:.2f}"
+
+    for side in sides:
+        warm = best.get((side, 1, n))
+        print(f"| {side} | {info[side]['load']:.1f} | {ratio(info[side]['first'], warm)} | "
+              f"{'-' if b1[side] is None else f'{b1[side]:.1f}'} | {ratio(b1[side], b1.get('llama.cpp'))} | "
+              f"{'-' if b8[side] is None else f'{b8[side]:.1f}'} | {ratio(b8[side], b8.get('transformers'))} |")
+    if build is not None:
+        print(f"\none-time kernel build (fresh cache, not in any first call): {build:.1f} s")
+    for side in sides:
+        if "path" in info[side]:
+            print(f"{side}: decoded by the {info[side]['path']} step")
+    print("targets: b1 >= 1.5x llama.cpp, b8 >= 4x transformers, first call <= 1.2x warm")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from laformer import ConfigError, LaFormerConfig, LaFormerForCausalLM, LaFormerForSequenceClassification
+from laformer import native
 from laformer.quantization import (
     WeightOnlyInt4Linear,
     WeightOnlyInt8Linear,
@@ -29,6 +30,20 @@ TEXT = (
     "largest ports of the region. Its cathedral, begun in the twelfth century, took almost two hundred years to "
     "complete, and the old town around it still follows the street plan of that time."
 )
+
+
+def require_kernel(available=kernels.available) -> None:
+    """Skip where a kernel cannot exist (no AVX2, no C compiler, LAFORMER_NO_KERNELS); fail where it could but
+    did not build, so a broken build never passes as a skip."""
+    if available():
+        return
+    if native.kernels_disabled():
+        pytest.skip("LAFORMER_NO_KERNELS is set: the fallback is tested alone")
+    if not native.has_avx2():
+        pytest.skip("no AVX2 on this CPU: the kernel cannot run here")
+    if not (shutil.which("gcc") or shutil.which("cc")):
+        pytest.skip("no C compiler: the kernel cannot be built here")
+    pytest.fail("a C compiler and AVX2 are here, yet the kernel did not build (see the warning above)")
 
 
 def tiny_config(**overrides) -> LaFormerConfig:
@@ -111,8 +126,7 @@ def int8_matmul_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 def test_int8_matmul_for_many_rows(kind, rows, peaked):
     """Above 8 rows quantized layers multiply int8 activations by per-channel int8 weights with torch._int_mm,
     outlier channels in float; gradients and set_int8_activations(False) keep the float path."""
-    if not kernels.int8_rows_available():
-        pytest.skip("no kernel on this machine: dequantize + float matmul")
+    require_kernel(kernels.int8_rows_available)
     in_features = 260 if kind == "int8-channel" else 256  # 260: a tail after 8-wide rows
     linear = random_linear(in_features, 83)  # 83: a tail after the 8-wide columns
     layer = {"int8-channel": lambda: WeightOnlyInt8Linear.from_float(linear),
@@ -138,22 +152,30 @@ def test_int8_matmul_for_many_rows(kind, rows, peaked):
     torch.testing.assert_close(x.grad, layer.dequantize().sum(0).expand(rows, -1), rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_matches_fallback(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 5, 8])
+def test_kernel_matches_fallback(monkeypatch, rows):
+    """The kernel (which must run) against the dequantize-then-matmul fallback (which must run too)."""
+    require_kernel()
     linear = random_linear(256, 80)
-    layers = [WeightOnlyInt8Linear.from_float(linear), WeightOnlyInt4Linear.from_float(linear, 64)]
-    x = torch.randn(5, 256)
+    layers = [WeightOnlyInt8Linear.from_float(linear), WeightOnlyInt8Linear.from_float(linear, 64),
+              WeightOnlyInt4Linear.from_float(linear, 64), WeightOnlyInt4Linear.from_float(linear, 32)]
+    x = torch.randn(rows, 256)
+    calls = []
+    qgemm = kernels.qgemm
+    monkeypatch.setattr(kernels, "qgemm", lambda *args: calls.append(args[4]) or qgemm(*args))
     with torch.no_grad():
         fast = [layer(x) for layer in layers]
+        assert calls == [8, 8, 4, 4], "every layer must have gone through the kernel"
         monkeypatch.setattr(kernels, "available", lambda: False)
         slow = [layer(x) for layer in layers]
-    for a, b in zip(fast, slow):
+    assert len(calls) == 4, "the fallback must not call the kernel"
+    for layer, a, b in zip(layers, fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, F.linear(x, layer.dequantize()))
 
 
 def test_kernel_is_built_on_x86():
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("no AVX2: the fallback is used")
-    assert kernels.available()
+    require_kernel()
     if shutil.which("g++") or shutil.which("c++"):
         assert kernels.backend() == "native"  # the C++ operator, not the slower-to-call ctypes one
 
@@ -161,8 +183,7 @@ def test_kernel_is_built_on_x86():
 @pytest.mark.parametrize("bits", [8, 4])
 def test_ctypes_kernel_equals_the_operator(bits):
     """The ctypes build is the fallback when the C++ operator cannot be built: same kernel, same numbers."""
-    if not kernels.available():
-        pytest.skip("no kernel on this machine")
+    require_kernel()
     layer = (WeightOnlyInt8Linear.from_float(random_linear(256, 80), 64) if bits == 8
              else WeightOnlyInt4Linear.from_float(random_linear(256, 80), 64))
     args = (torch.randn(6, 256), layer.qweight, layer.scales, getattr(layer, "mins", None), bits, 64)
@@ -186,8 +207,7 @@ def int8_activation_reference(layer, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("bits, group_size", [(8, 32), (8, None), (4, 32), (4, 64)])
 def test_int8_activation_kernels(bits, group_size, rows):
     """The native decode step's kernels (ggml Q8_0 activations, as llama.cpp) against their arithmetic in torch."""
-    if not kernels.available():
-        pytest.skip("no kernel on this machine")
+    require_kernel()
     linear = random_linear(256, 80)
     layer = (WeightOnlyInt8Linear.from_float(linear, group_size) if bits == 8
              else WeightOnlyInt4Linear.from_float(linear, group_size))

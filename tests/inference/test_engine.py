@@ -9,45 +9,14 @@ import warnings
 import pytest
 import torch
 
-from laformer import GenerationError, KVCache, LaFormerConfig, LaFormerForCausalLM
+from laformer import GenerationError
 from laformer.generation import generate
 from laformer.inference import DecodeEngine, StaticKVCache
 from laformer.inference.fused import FusedView
 from laformer.inference.native_step import native_available
+from laformer.quantization import quantize_model
 
-TEXT = ("The history of the city begins in the Roman period, when a small settlement grew up at a crossing of the "
-        "river. Over the following centuries it became a market town, and by the middle ages it was one of the "
-        "largest ports of the region. Its cathedral, begun in the twelfth century, took almost two hundred years.")
-from laformer.quantization import quantize_model, set_int8_activations
-
-# A large init spreads the logits, so greedy choices are far from ties and token sequences compare exactly.
-CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, eos_token_id=None)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.fixture(scope="module")
-def tiny() -> LaFormerForCausalLM:
-    return LaFormerForCausalLM.from_config(LaFormerConfig(**CONFIG), seed=0).eval()
-
-
-@pytest.fixture(scope="module")
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Three prompts of 11, 7 and 9 tokens, left-padded."""
-    ids = torch.randint(0, CONFIG["vocab_size"], (3, 11), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    mask[2, :2] = 0
-    return ids, mask
-
-
-def reference(model, ids, mask=None, **options) -> torch.Tensor:
-    """The plain loop: one ``model(...)`` call per token over a growable cache, no engine."""
-    return generate(model, ids, mask, cache=KVCache(len(model.model.layers)), **options)
-
+from ._helpers import CONFIG, reference
 
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
 def test_fused_view_matches_the_model_and_leaves_it_alone(tiny, mode):
@@ -173,82 +142,6 @@ def test_engine_composes_with_quantized_models(tiny, batch, mode):
     torch.testing.assert_close(generate(model, ids, mask, max_new_tokens=10, engine=engine), expected)
 
 
-@pytest.fixture
-def int8_activations(monkeypatch):
-    """Make the PyTorch step's quantized products use the native step's arithmetic (int8-rounded activations)."""
-    from laformer.quantization import kernels
-
-    def qgemm(x, qweight, scales, mins, bits, group_size):
-        return kernels.ctypes_kernel()(x, qweight, scales, mins, bits, group_size, int8_activations=True)
-
-    monkeypatch.setattr(kernels, "qgemm", qgemm)
-
-
-@pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
-@pytest.mark.parametrize("mode", [None, "int8", "int4"])
-def test_native_step_matches_the_pytorch_step(tiny, batch, mode, int8_activations):
-    """Same logits step by step, on a left-padded batch, with a row refilled mid-way (continuous batching)."""
-    ids, mask = batch
-    model = copy.deepcopy(tiny)
-    if mode:
-        quantize_model(model, mode, 32)
-    native, python = DecodeEngine(copy.deepcopy(model)), DecodeEngine(copy.deepcopy(model), native=False)
-    logits = [engine.prefill(ids, mask, 12) for engine in (native, python)]
-    assert native.path == "native" and python.path == "eager"
-    tokens = logits[1].argmax(-1)
-    for step in range(10):
-        if step == 4:
-            refill = torch.tensor([5, 9, 2, 7])
-            torch.testing.assert_close(native.prefill_row(1, refill), python.prefill_row(1, refill))
-        logits = [engine.decode(tokens) for engine in (native, python)]
-        if mode is None:  # the same float arithmetic up to summation order
-            torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
-            assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
-        else:  # a float rounding difference upstream can move an activation by one int8 step: close, not equal
-            assert relative_error(logits[0], logits[1]) < 0.05
-        tokens = logits[1].argmax(-1)
-    for name in ("slot", "position", "valid"):
-        assert torch.equal(getattr(native, name), getattr(python, name))
-    for mine, theirs in zip(native.cache.keys + native.cache.values, python.cache.keys + python.cache.values):
-        assert relative_error(mine, theirs) < (1e-5 if mode is None else 0.05)
-
-
-@pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
-def test_native_step_falls_back_where_it_does_not_apply(tiny, batch, monkeypatch):
-    ids, mask = batch
-    wide = DecodeEngine(copy.deepcopy(tiny))
-    wide.prefill(ids.repeat(3, 1), mask.repeat(3, 1), 2)  # 9 rows: above the kernels' 8-row blocks
-    assert wide.path == "eager" and "9 rows" in wide.native_problem
-    wrapped = copy.deepcopy(tiny)
-    wrapped.model.layers[1].mlp.down_proj = torch.nn.Sequential(wrapped.model.layers[1].mlp.down_proj)
-    engine = DecodeEngine(wrapped)
-    expected = reference(tiny, ids, mask, max_new_tokens=4)
-    torch.testing.assert_close(generate(wrapped, ids, mask, max_new_tokens=4, engine=engine), expected)
-    assert engine.path == "eager" and "down_proj is a Sequential" in engine.native_problem
-    half = DecodeEngine(copy.deepcopy(tiny).to(torch.bfloat16))
-    half.prefill(ids, mask, 2)
-    assert half.path == "eager" and "float32" in half.native_problem
-    float_activations = quantize_model(copy.deepcopy(tiny), "int8")
-    set_int8_activations(float_activations, False)  # exact weight-only products: the PyTorch step
-    exact = DecodeEngine(float_activations)
-    exact.prefill(ids, mask, 2)
-    assert exact.path == "eager" and "keeps float activations" in exact.native_problem
-
-
-@pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
-def test_native_step_rejects_bad_tokens_and_a_full_cache_without_changing_state(tiny):
-    engine = DecodeEngine(copy.deepcopy(tiny), max_length=8)
-    engine.prefill(torch.tensor([[1, 2, 3]]), None, 1)
-    before = engine.slot.clone(), engine.position.clone(), engine.valid.clone()
-    with pytest.raises(GenerationError, match="outside the model's vocabulary"):
-        engine.decode(torch.tensor([CONFIG["vocab_size"]]))
-    assert all(torch.equal(a, b) for a, b in zip(before, (engine.slot, engine.position, engine.valid)))
-    for _ in range(5):
-        engine.decode(torch.tensor([4]))
-    with pytest.raises(GenerationError, match="cache is full"):
-        engine.decode(torch.tensor([4]))
-
-
 def test_engine_routes_attention_through_the_backend(tiny, batch):
     from laformer.attention import sdpa_attention
 
@@ -264,7 +157,8 @@ def test_engine_routes_attention_through_the_backend(tiny, batch):
     torch.testing.assert_close(out, reference(tiny, ids, mask, max_new_tokens=3))
     assert [c[0] for c in calls[:2]] == [0, 1] and calls[0][1] == 11 and calls[-1][1] == 1
     assert calls[-1][2] == engine.cache.max_length  # the step sees the whole fixed-shape buffer, masked
-    assert engine.path == "eager" and "another attention backend" in engine.native_problem
+    assert engine.path == "eager"
+    assert "another attention backend" in engine.native_problem or not native_available()
 
 
 def test_engine_errors(tiny):
@@ -334,22 +228,3 @@ def test_compiled_step_traces_the_quantized_kernel(tiny, batch):
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.skipif(not native_available(), reason="no C compiler or no AVX2: the native step is unavailable")
-@pytest.mark.parametrize("mode, cost", [("int8", 0.01), ("int4", 0.03)])
-def test_native_step_on_the_default_model_scores_text_like_the_pytorch_step(default_gguf_path, default_tokenizer,
-                                                                            mode, cost):
-    """Teacher-forced through both steps: the int8 activations change the loss by little, the top choice rarely."""
-    model = LaFormerForCausalLM.from_pretrained(default_gguf_path, quantize=mode)
-    ids = default_tokenizer(TEXT, return_tensors="pt").input_ids[:, :64]
-    native, python = DecodeEngine(model), DecodeEngine(copy.deepcopy(model), native=False)
-    losses, agree = {native: 0.0, python: 0.0}, 0
-    logits = {engine: engine.prefill(ids[:, :1], None, ids.shape[1]) for engine in (native, python)}
-    for t in range(1, ids.shape[1]):
-        for engine in (native, python):
-            losses[engine] -= float(torch.log_softmax(logits[engine][0], -1)[ids[0, t]])
-        agree += int(logits[native].argmax() == logits[python].argmax())
-        if t < ids.shape[1] - 1:
-            logits = {engine: engine.decode(ids[:, t]) for engine in (native, python)}
-    assert native.path == "native" and python.path == "eager"
-    assert abs(losses[native] / losses[python] - 1) < cost
-    assert agree >= 0.85 * (ids.shape[1] - 1)

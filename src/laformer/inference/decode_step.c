@@ -22,6 +22,7 @@ typedef struct {
     const half *scales;     /* float16 (N, K / G); NULL for float32 */
     const half *mins;       /* float16 (N, K / G) for 4-bit; else NULL */
     int64_t bits, n, k, g;  /* bits 4, 8 or 32; out features, in features, group size */
+    int64_t int8_activations; /* quantized weights: 1 rounds the input to int8 blocks, 0 keeps it float */
 } Linear;
 
 typedef struct {
@@ -40,6 +41,39 @@ typedef struct {
     const Layer *layer;
 } Model;
 
+/* One call's per-row state: tokens (B,) in; slot, position (B,) advanced by one; valid (B, S) gains each row's new
+   column; logits (B, vocab) out; scratch of laformer_decode_scratch_bytes(model, threads) bytes. */
+typedef struct {
+    const int64_t *tokens;
+    int64_t *slot, *position;
+    uint8_t *valid;
+    float *logits;
+    void *scratch;
+    int64_t threads;
+} Step;
+
+/* Bumped with every change to the meaning of a struct or function here (their layout is checked at load as well);
+   ABI_VERSION in inference/native_step.py. */
+int laformer_decode_abi_version(void) { return 3; }
+
+int laformer_decode_layout(char *out, int capacity) {
+    LAYOUT_BEGIN
+    LAYOUT_STRUCT(Linear) LAYOUT_FIELD(Linear, w) LAYOUT_FIELD(Linear, scales) LAYOUT_FIELD(Linear, mins)
+    LAYOUT_FIELD(Linear, bits) LAYOUT_FIELD(Linear, n) LAYOUT_FIELD(Linear, k) LAYOUT_FIELD(Linear, g)
+    LAYOUT_FIELD(Linear, int8_activations)
+    LAYOUT_STRUCT(Layer) LAYOUT_FIELD(Layer, qkv) LAYOUT_FIELD(Layer, o) LAYOUT_FIELD(Layer, gate_up)
+    LAYOUT_FIELD(Layer, down) LAYOUT_FIELD(Layer, input_norm) LAYOUT_FIELD(Layer, post_norm)
+    LAYOUT_FIELD(Layer, keys) LAYOUT_FIELD(Layer, values)
+    LAYOUT_STRUCT(Model) LAYOUT_FIELD(Model, layers) LAYOUT_FIELD(Model, hidden) LAYOUT_FIELD(Model, heads)
+    LAYOUT_FIELD(Model, kv_heads) LAYOUT_FIELD(Model, head_dim) LAYOUT_FIELD(Model, ffn) LAYOUT_FIELD(Model, vocab)
+    LAYOUT_FIELD(Model, batch) LAYOUT_FIELD(Model, cache_len) LAYOUT_FIELD(Model, eps)
+    LAYOUT_FIELD(Model, embedding) LAYOUT_FIELD(Model, inv_freq) LAYOUT_FIELD(Model, final_norm)
+    LAYOUT_FIELD(Model, head) LAYOUT_FIELD(Model, layer)
+    LAYOUT_STRUCT(Step) LAYOUT_FIELD(Step, tokens) LAYOUT_FIELD(Step, slot) LAYOUT_FIELD(Step, position)
+    LAYOUT_FIELD(Step, valid) LAYOUT_FIELD(Step, logits) LAYOUT_FIELD(Step, scratch) LAYOUT_FIELD(Step, threads)
+    LAYOUT_END
+}
+
 enum { STORE, ADD_TO, SWIGLU };
 
 /* Every thread normalises all rows into its own buffer: cheaper than sharing one behind a barrier. */
@@ -57,16 +91,23 @@ static void norm_rows(const float *x, const float *weight, float *out, int64_t r
    column fused in: STORE leaves y; ADD_TO adds y to out (the residual stream); SWIGLU treats the first and second
    halves of the columns as gate and up and writes silu(gate) * up to out. Ends at a barrier. */
 static void project(const Linear *L, const float *x, int64_t rows, float *y, float *out, int how, void *scratch) {
-    /* Quantized weights multiply int8 activations (qgemm.c); each thread rounds its own copy, which costs less than
-       a barrier. Float weights read x. */
-    const Blocks none = {0};
-    const Blocks a = L->bits == 32 ? none : quantize_rows(x, rows, L->k, L->g, scratch);
+    /* Quantized weights multiply int8 activations (qgemm.c) or, without int8_activations, the float x (4-bit
+       weights with its group sums); each thread rounds or sums its own copy, which costs less than a barrier. Float
+       weights read x. */
+    Blocks a = {0};
+    float *xsum = NULL;
+    if (L->bits != 32 && L->int8_activations) {
+        a = quantize_rows(x, rows, L->k, L->g, scratch);
+    } else if (L->mins) {
+        xsum = (float *)scratch; /* rows * K / G floats: fits, G >= 32 */
+        group_sums(x, rows, L->k, L->g, xsum);
+    }
     const int64_t N = L->n, columns = how == SWIGLU ? N / 2 : N;
     const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t n0 = columns * t / T, n1 = columns * (t + 1) / T;
-    qgemm_columns((int)L->bits, x, NULL, a, L->w, L->scales, L->mins, y, rows, n0, n1, N, L->k, L->g);
+    qgemm_columns((int)L->bits, x, xsum, a, L->w, L->scales, L->mins, y, rows, n0, n1, N, L->k, L->g);
     if (how == SWIGLU) {
-        qgemm_columns((int)L->bits, x, NULL, a, L->w, L->scales, L->mins, y, rows, n0 + columns, n1 + columns, N, L->k,
+        qgemm_columns((int)L->bits, x, xsum, a, L->w, L->scales, L->mins, y, rows, n0 + columns, n1 + columns, N, L->k,
                       L->g);
         for (int64_t b = 0; b < rows; b++)
             for (int64_t n = n0; n < n1; n++) {
@@ -140,10 +181,14 @@ int64_t laformer_decode_scratch_bytes(const Model *m, int threads) {
     return sizeof(int64_t) * m->batch + sizeof(float) * (shared + threads * own);
 }
 
-/* tokens (B,) in; slot, position (B,) advanced by one; valid (B, S) gains each row's new column; logits (B, N).
+/* One token for every row of the batch (any size: the column kernels take the rows in blocks of 8, 4 and 1).
    Returns 0; or, changing nothing, 2 for a token id outside the vocabulary, 3 for a row whose cache is full. */
-int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, int64_t *position, uint8_t *valid,
-                         float *logits, void *scratch_bytes, int threads) {
+int laformer_decode_step(const Model *m, const Step *step) {
+    const int64_t *tokens = step->tokens;
+    int64_t *slot = step->slot, *position = step->position;
+    uint8_t *valid = step->valid;
+    float *logits = step->logits;
+    const int threads = (int)step->threads;
     const int64_t B = m->batch, d = m->hidden, D = m->head_dim, H = m->heads, Hkv = m->kv_heads, S = m->cache_len;
     const int64_t QKV = (H + 2 * Hkv) * D, group = H / Hkv;
     for (int64_t b = 0; b < B; b++) {
@@ -152,7 +197,7 @@ int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, i
     }
     int64_t shared, own, widest;
     scratch_layout(m, &shared, &own, &widest);
-    int64_t *limit = (int64_t *)scratch_bytes; /* per row: one past the last valid column */
+    int64_t *limit = (int64_t *)step->scratch; /* per row: one past the last valid column */
     float *scratch = (float *)(limit + B);
     float *x = scratch, *qkv = x + B * d, *attn = qkv + B * QKV, *act = attn + B * H * D, *y = act + B * m->ffn;
     float *rope = y + B * widest;

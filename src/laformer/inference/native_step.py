@@ -5,12 +5,16 @@ the compiled graph's wrapper, 30 attention calls, a thread fork/join per product
 runs them, and the small work between them, in one OpenMP region. It reads the model's own tensors in place
 (no copy), so it serves float32, int8 and 4-bit weights alike, and it writes the engine's static cache, so the
 engine can switch between it and the PyTorch step at any token. Quantized weights multiply int8-rounded
-activations there, as in llama.cpp (``quantization/qgemm.c``; +0.0% decode perplexity with int8 weights, +1.1%
-with 4-bit on SmolLM2), where the PyTorch step keeps float activations; ``set_int8_activations(model, False)``
-sends quantized models to the PyTorch step.
+activations there by default, as in llama.cpp (``quantization/qgemm.c``; +0.0% decode perplexity with int8
+weights, +1.1% with 4-bit on SmolLM2), where the PyTorch step keeps float activations;
+``set_int8_activations(model, False)`` keeps them float here too (exact weight-only products, ~1.8x slower).
 
-``NativeStep.unsupported(model, cache)`` says why a model or batch cannot take this path (adapters, a sparse
-attention backend, bfloat16, a batch above 8 rows, ...); the engine then runs the PyTorch step.
+``NativeStep.unsupported(model, cache)`` says why a model cannot take this path (adapters, a sparse attention
+backend, bfloat16, a config field the C code does not implement, ...); the engine then runs the PyTorch step. Any
+batch size runs here: the column kernels take the rows in blocks of 8, 4 and 1.
+
+The ctypes structs below mirror ``decode_step.c``'s; the library is refused at load (``ABIMismatchError``) unless
+its ABI version and every struct's size and field offsets match them (``laformer.native.check_abi``).
 """
 
 from __future__ import annotations
@@ -24,20 +28,23 @@ from torch import nn
 
 from laformer import native
 from laformer.attention import sdpa_attention
+from laformer.config import LaFormerConfig
 from laformer.errors import GenerationError
 from laformer.inference.static_cache import StaticKVCache
 from laformer.model import RMSNorm
 from laformer.quantization import QuantizedLinear
-from laformer.quantization.kernels import CFLAGS
+from laformer.quantization.kernels import CFLAGS, HEADER
 from laformer.quantization.kernels import SOURCE as QGEMM_SOURCE
 
 SOURCE = Path(__file__).with_name("decode_step.c")
-MAX_ROWS = 8  # the column kernels' widest row block; larger batches run the PyTorch step (matmul-bound there)
+ABI_VERSION = 3  # laformer_decode_abi_version() in decode_step.c
+# Rotary types that change only the inverse frequencies, which the step reads from the model's rotary buffer.
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p),
-                ("bits", ctypes.c_int64), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("g", ctypes.c_int64)]
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("mins", ctypes.c_void_p)] + [
+        (name, ctypes.c_int64) for name in ("bits", "n", "k", "g", "int8_activations")]
 
 
 class _Layer(ctypes.Structure):
@@ -53,14 +60,23 @@ class _Model(ctypes.Structure):
         ("final_norm", ctypes.c_void_p), ("head", _Linear), ("layer", ctypes.POINTER(_Layer))]
 
 
+class _Step(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("tokens", "slot", "position", "valid", "logits", "scratch")] + [
+        ("threads", ctypes.c_int64)]
+
+
+STRUCTS = (_Linear, _Layer, _Model, _Step)
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if not native.has_avx2():
         return None
-    library = native.load(SOURCE, CFLAGS, "decoding", depends=(QGEMM_SOURCE,))
+    library = native.load(SOURCE, CFLAGS, "decoding", depends=(QGEMM_SOURCE, HEADER),
+                          abi=("laformer_decode", ABI_VERSION, STRUCTS))
     if library is not None:
         library.laformer_decode_step.restype = ctypes.c_int
-        library.laformer_decode_step.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_void_p] * 6 + [ctypes.c_int]
+        library.laformer_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Step)]
         library.laformer_decode_scratch_bytes.restype = ctypes.c_int64
         library.laformer_decode_scratch_bytes.argtypes = [ctypes.POINTER(_Model), ctypes.c_int]
     return library
@@ -75,32 +91,69 @@ def _float32_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
-def _linear_problem(module: nn.Module, name: str) -> str | None:
+def config_problem(config: LaFormerConfig) -> str | None:
+    """Why the C step cannot implement ``config``, or None: every config field it assumes, checked.
+
+    It implements pre-norm LLaMA layers (RMSNorm with one eps, SwiGLU, grouped-query attention scaled by
+    1/sqrt(head_dim), half-split rotary embeddings of any inverse frequencies, a separate or tied output head).
+    """
+    D, H, Hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        return f"rope_scaling type {rope_type!r} (the native step implements {', '.join(ROPE_TYPES)})"
+    if scaling.get("attention_factor", 1.0) != 1.0:
+        return "rope_scaling with an attention_factor (the native step does not scale cos/sin)"
+    if D % 8 or D > 256:
+        return f"head_dim {D} (the native step needs a multiple of 8 up to 256)"
+    if H % Hkv:
+        return f"{H} attention heads over {Hkv} key/value heads (not a whole number of groups)"
+    if not (isinstance(config.rms_norm_eps, (int, float)) and 0 < config.rms_norm_eps < 1):
+        return f"rms_norm_eps {config.rms_norm_eps!r} (the native step needs a small positive float)"
+    for name in ("hidden_size", "intermediate_size"):
+        if getattr(config, name) % 32:
+            return f"{name} {getattr(config, name)} (the native step's kernels need a multiple of 32)"
+    if (H * D) % 32:
+        return f"num_attention_heads * head_dim = {H * D} (the native step's kernels need a multiple of 32)"
+    return None
+
+
+def _norm_problem(norms: tuple[nn.Module, ...], config: LaFormerConfig, where: str) -> str | None:
+    for norm in norms:
+        if type(norm) is not RMSNorm or not _float32_cpu(norm.weight) or norm.weight.shape != (config.hidden_size,):
+            return f"{where} has a norm that is not a float32 RMSNorm over hidden_size"
+        if norm.eps != config.rms_norm_eps:
+            return f"{where} has a norm with eps {norm.eps}, not the config's rms_norm_eps {config.rms_norm_eps}"
+    return None
+
+
+def _linear_problem(module: nn.Module, name: str, shape: tuple[int, int]) -> str | None:
+    if not isinstance(module, QuantizedLinear) and type(module) is not nn.Linear:
+        return f"{name} is a {type(module).__name__} (adapters and other wrappers run the PyTorch step)"
+    if (module.out_features, module.in_features) != shape:
+        return f"{name} maps {module.in_features} to {module.out_features} features, not {shape[1]} to {shape[0]}"
     if isinstance(module, QuantizedLinear):
         mins = module._mins()
         scales = (module.scales,) if mins is None else (module.scales, mins)
         if (module.bias is not None or not module.qweight.is_contiguous() or module.qweight.device.type != "cpu"
                 or any(t.dtype != torch.float16 or not t.is_contiguous() for t in scales)):
             return f"{name} is a quantized linear with a bias, or off the CPU, or with scales cast from float16"
-        if not module.int8_activations:
-            return f"{name} keeps float activations (set_int8_activations(model, False))"
         return None
-    if type(module) is nn.Linear:
-        if module.bias is not None or not _float32_cpu(module.weight):
-            return f"{name} is not a bias-free float32 linear on the CPU"
-        if module.in_features % 32:
-            return f"{name} has {module.in_features} inputs (the kernel needs a multiple of 32)"
-        return None
-    return f"{name} is a {type(module).__name__} (adapters and other wrappers run the PyTorch step)"
+    if module.bias is not None or not _float32_cpu(module.weight):
+        return f"{name} is not a bias-free float32 linear on the CPU"
+    if module.in_features % 32:
+        return f"{name} has {module.in_features} inputs (the kernel needs a multiple of 32)"
+    return None
 
 
 def _describe(module: nn.Module) -> _Linear:
     if isinstance(module, QuantizedLinear):
         mins = module._mins()
         return _Linear(module.qweight.data_ptr(), module.scales.data_ptr(), None if mins is None else mins.data_ptr(),
-                       module.bits, module.out_features, module.in_features, module.group_size)
+                       module.bits, module.out_features, module.in_features, module.group_size,
+                       int(module.int8_activations))
     return _Linear(module.weight.data_ptr(), None, None, 32, module.out_features, module.in_features,
-                   module.in_features)
+                   module.in_features, 0)
 
 
 class NativeStep:
@@ -121,31 +174,40 @@ class NativeStep:
         if _library() is None:
             return "the native kernel is unavailable here (no AVX2, no C compiler, or LAFORMER_NO_KERNELS is set)"
         config, decoder = model.config, model.decoder
-        if cache.batch_size > MAX_ROWS:
-            return f"a batch of {cache.batch_size} rows (the native step takes up to {MAX_ROWS})"
-        if config.head_dim % 8 or config.head_dim > 256 or config.num_attention_heads % config.num_key_value_heads:
-            return f"head_dim {config.head_dim} (the native step needs a multiple of 8 up to 256)"
+        if problem := config_problem(config):
+            return problem
         if not _float32_cpu(decoder.embed_tokens.weight, decoder.norm.weight, decoder.rotary_emb.inv_freq,
                             *cache.keys, *cache.values):
             return "the embedding, norms or cache are not float32 on the CPU"
+        if decoder.rotary_emb.inv_freq.shape != (config.head_dim // 2,):
+            return f"the rotary buffer has shape {tuple(decoder.rotary_emb.inv_freq.shape)}, not (head_dim / 2,)"
+        if decoder.embed_tokens.weight.shape[1] != config.hidden_size:
+            return "the embedding's width is not hidden_size"
+        if len(decoder.layers) != config.num_hidden_layers or len(cache.keys) != len(decoder.layers):
+            return "the model, its config and the cache disagree on the number of layers"
+        d, D, H, Hkv, F = (config.hidden_size, config.head_dim, config.num_attention_heads,
+                           config.num_key_value_heads, config.intermediate_size)
+        if (cache.keys[0].shape[1], cache.keys[0].shape[3]) != (Hkv, D):
+            return "the cache's heads or head_dim differ from the config's"
         for i, layer in enumerate(decoder.layers):
             attn, mlp = layer.self_attn, layer.mlp
             if not all(hasattr(attn, n) for n in ("qkv_proj", "o_proj")) or not hasattr(mlp, "gate_up_proj"):
                 return f"layer {i} has no fused qkv_proj/gate_up_proj (pass the engine's FusedView)"
             if attn.backend is not sdpa_attention:
                 return f"layer {i} uses another attention backend ({getattr(attn.backend, '__name__', attn.backend)})"
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if any(type(n) is not RMSNorm or not _float32_cpu(n.weight) for n in norms):
-                return f"layer {i} has norms that are not float32 RMSNorm"
-            for name in ("qkv_proj", "o_proj"):
-                if problem := _linear_problem(getattr(attn, name), f"layer {i} {name}"):
+            if problem := _norm_problem((layer.input_layernorm, layer.post_attention_layernorm), config,
+                                        f"layer {i}"):
+                return problem
+            shapes = {"qkv_proj": ((H + 2 * Hkv) * D, d), "o_proj": (d, H * D)}
+            for name, shape in shapes.items():
+                if problem := _linear_problem(getattr(attn, name), f"layer {i} {name}", shape):
                     return problem
-            for name in ("gate_up_proj", "down_proj"):
-                if problem := _linear_problem(getattr(mlp, name), f"layer {i} {name}"):
+            for name, shape in {"gate_up_proj": (2 * F, d), "down_proj": (d, F)}.items():
+                if problem := _linear_problem(getattr(mlp, name), f"layer {i} {name}", shape):
                     return problem
-        if type(decoder.norm) is not RMSNorm:
-            return "the final norm is not RMSNorm"
-        return _linear_problem(model.lm_head, "lm_head")
+        if problem := _norm_problem((decoder.norm,), config, "the final norm"):
+            return problem
+        return _linear_problem(model.lm_head, "lm_head", (model.lm_head.out_features, d))
 
     def __init__(self, model: nn.Module, cache: StaticKVCache) -> None:
         """For a model ``unsupported`` accepts (``create`` checks it)."""
@@ -180,9 +242,9 @@ class NativeStep:
             self._scratch = torch.empty(library.laformer_decode_scratch_bytes(ctypes.byref(self._model), threads),
                                         dtype=torch.uint8)
             self._scratch_threads = threads
-        status = library.laformer_decode_step(
-            ctypes.byref(self._model), tokens.data_ptr(), slot.data_ptr(), position.data_ptr(), valid.data_ptr(),
-            logits.data_ptr(), self._scratch.data_ptr(), threads)
+        step = _Step(tokens.data_ptr(), slot.data_ptr(), position.data_ptr(), valid.data_ptr(), logits.data_ptr(),
+                     self._scratch.data_ptr(), threads)
+        status = library.laformer_decode_step(ctypes.byref(self._model), ctypes.byref(step))
         if status:
             raise GenerationError(_FAILURES[status])
         return logits

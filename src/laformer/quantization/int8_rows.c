@@ -8,6 +8,52 @@
 
 #include "qgemm.c" /* hsum, hmax, and widening float16 scales, int8 and 4-bit weights */
 
+/* The arguments of the three entry points below, one struct each (mirrored by ctypes in quantization/kernels.py
+ * and checked at load through laformer_int8_rows_layout). */
+typedef struct {
+    const float *x, *keep; /* (M, K), (K,) */
+    int8_t *q, *q2;        /* (M, K) each */
+    float *scales, *scales2, *work; /* (M,), (M,), (threads, 2, K) */
+    int64_t m, k, threads;
+} RoundRows;
+
+typedef struct {
+    const void *weights;       /* int8 (N, K) or packed 4-bit (N, K / 2) */
+    const half *scales, *mins; /* (N, K / group); mins NULL for int8 */
+    int8_t *out;               /* (N, K) */
+    float *row_scales, *work;  /* (N,), (threads, K) */
+    int64_t bits, n, k, group, threads;
+} WeightsToInt8;
+
+typedef struct {
+    const int32_t *a, *b;           /* (M, N) each; b may be NULL */
+    const float *sa, *sb, *xo, *wo; /* (M,), (M,), (M, outliers), (outliers, N) */
+    const float *w;                 /* (N,) */
+    float *y;                       /* (M, N) */
+    int64_t outliers, m, n, threads;
+} ScaleProducts;
+
+/* Bumped with every change to the meaning of an entry point or struct here; ROWS_ABI in quantization/kernels.py. */
+int laformer_int8_rows_abi_version(void) { return 2; }
+
+int laformer_int8_rows_layout(char *out, int capacity) {
+    LAYOUT_BEGIN
+    LAYOUT_STRUCT(RoundRows) LAYOUT_FIELD(RoundRows, x) LAYOUT_FIELD(RoundRows, keep) LAYOUT_FIELD(RoundRows, q)
+    LAYOUT_FIELD(RoundRows, q2) LAYOUT_FIELD(RoundRows, scales) LAYOUT_FIELD(RoundRows, scales2)
+    LAYOUT_FIELD(RoundRows, work) LAYOUT_FIELD(RoundRows, m) LAYOUT_FIELD(RoundRows, k)
+    LAYOUT_FIELD(RoundRows, threads)
+    LAYOUT_STRUCT(WeightsToInt8) LAYOUT_FIELD(WeightsToInt8, weights) LAYOUT_FIELD(WeightsToInt8, scales)
+    LAYOUT_FIELD(WeightsToInt8, mins) LAYOUT_FIELD(WeightsToInt8, out) LAYOUT_FIELD(WeightsToInt8, row_scales)
+    LAYOUT_FIELD(WeightsToInt8, work) LAYOUT_FIELD(WeightsToInt8, bits) LAYOUT_FIELD(WeightsToInt8, n)
+    LAYOUT_FIELD(WeightsToInt8, k) LAYOUT_FIELD(WeightsToInt8, group) LAYOUT_FIELD(WeightsToInt8, threads)
+    LAYOUT_STRUCT(ScaleProducts) LAYOUT_FIELD(ScaleProducts, a) LAYOUT_FIELD(ScaleProducts, b)
+    LAYOUT_FIELD(ScaleProducts, sa) LAYOUT_FIELD(ScaleProducts, sb) LAYOUT_FIELD(ScaleProducts, xo)
+    LAYOUT_FIELD(ScaleProducts, wo) LAYOUT_FIELD(ScaleProducts, w) LAYOUT_FIELD(ScaleProducts, y)
+    LAYOUT_FIELD(ScaleProducts, outliers) LAYOUT_FIELD(ScaleProducts, m) LAYOUT_FIELD(ScaleProducts, n)
+    LAYOUT_FIELD(ScaleProducts, threads)
+    LAYOUT_END
+}
+
 /* out = round(v / scale) as int8 (all 0 when scale is 0); residual = v - out * scale and its max |.| in *rmax.
  * residual may be v itself. */
 static void round_row(const float *v, int64_t K, float scale, int8_t *out, float *residual, float *rmax) {
@@ -42,8 +88,12 @@ static void round_row(const float *v, int64_t K, float scale, int8_t *out, float
  * rounded the same way (q2, scales2). An all-zero row gets scale 0 and zeros. Returns the sum over rows of
  * max(x^2) / mean(x^2): large when a few values dominate the rows, which is when the residual's product is worth
  * adding. Rounding is to nearest, ties to even, as torch.round. */
-double laformer_round_rows(const float *x, int64_t M, int64_t K, const float *keep, int8_t *q, float *scales,
-                           int8_t *q2, float *scales2, float *work, int threads) {
+double laformer_round_rows(const RoundRows *c) {
+    const float *x = c->x, *keep = c->keep;
+    int8_t *q = c->q, *q2 = c->q2;
+    float *scales = c->scales, *scales2 = c->scales2, *work = c->work;
+    const int64_t M = c->m, K = c->k;
+    const int threads = (int)c->threads;
     double peaks = 0.0;
 #pragma omp parallel num_threads(threads) reduction(+ : peaks)
     {
@@ -106,10 +156,13 @@ static float dequantize_row(int bits, const void *weights, const half *scale, co
  * in ggml's order, see linear.pack_int4, float16 scale and minimum per group) weight matrix, dequantized and
  * rounded again to int8 with one scale per row (max |w| / 127): per-channel int8 weights for torch._int_mm,
  * built per call, so that grouped layers prefill through the integer products too. */
-void laformer_weights_to_int8(int bits, const void *weights, const half *scales, const half *mins,
-                              int64_t N, int64_t K, int64_t group, int8_t *out, float *row_scales, float *work,
-                              int threads) {
-    const int64_t groups = K / group;
+void laformer_weights_to_int8(const WeightsToInt8 *c) {
+    const void *weights = c->weights;
+    const half *scales = c->scales, *mins = c->mins;
+    int8_t *out = c->out;
+    float *row_scales = c->row_scales, *work = c->work;
+    const int64_t N = c->n, K = c->k, group = c->group, groups = K / group;
+    const int bits = (int)c->bits, threads = (int)c->threads;
 #pragma omp parallel num_threads(threads)
     {
         float *w = work + (int64_t)omp_get_thread_num() * K;
@@ -169,9 +222,12 @@ static inline __attribute__((always_inline)) void scale_rows(const int32_t *a, c
  * not NULL: the int8 products of a row (its rounding's and its residual's) back in float, plus the float product
  * of its columns kept out of the rounding (xo: M x outliers, wo: outliers x N, integer weights as floats), times
  * each output column's weight scale. */
-void laformer_scale_products(const int32_t *a, const float *sa, const int32_t *b, const float *sb, const float *xo,
-                             const float *wo, int64_t outliers, const float *w, float *y, int64_t M, int64_t N,
-                             int threads) {
+void laformer_scale_products(const ScaleProducts *c) {
+    const int32_t *a = c->a, *b = c->b;
+    const float *sa = c->sa, *sb = c->sb, *xo = c->xo, *wo = c->wo, *w = c->w;
+    float *y = c->y;
+    const int64_t outliers = c->outliers, M = c->m, N = c->n;
+    const int threads = (int)c->threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
         if (M - m0 >= TILE_ROWS)

@@ -14,6 +14,12 @@ The operator's CPU implementation is, in order of preference:
 - none: without a compiler, on a CPU without AVX2, or with ``LAFORMER_NO_KERNELS=1``, ``available()`` is False
   and the quantized layers fall back to dequantize-then-matmul (correct, slower).
 ``LAFORMER_NO_NATIVE_OP=1`` skips the native build (the ctypes kernel is then used).
+
+Each C entry point takes one struct (``_Qgemm``, ``_RoundRows``, ...: mirrors of the C ones), and each ctypes
+library is checked at load against its ABI version and the structs' sizes and field offsets
+(``laformer.native.check_abi``): a build that disagrees with the mirrors is refused with an ``ABIMismatchError``,
+never called. The native operator needs no such check: it is compiled with qgemm.c itself, and the dispatcher
+compares its C++ signature with the schema defined here.
 """
 
 from __future__ import annotations
@@ -32,6 +38,33 @@ SOURCE = Path(__file__).with_name("qgemm.c")
 OP_SOURCE = Path(__file__).with_name("qgemm_op.cpp")
 ROWS_SOURCE = Path(__file__).with_name("int8_rows.c")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+HEADER = Path(__file__).with_name("abi.h")
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class _Qgemm(ctypes.Structure):  # qgemm.c's Qgemm
+    _fields_ = [(n, _P) for n in ("x", "w", "scales", "mins", "y")] + [
+        (n, _I) for n in ("bits", "m", "n", "k", "g", "threads", "int8_activations")]
+
+
+class _RoundRows(ctypes.Structure):  # int8_rows.c's
+    _fields_ = [(n, _P) for n in ("x", "keep", "q", "q2", "scales", "scales2", "work")] + [
+        (n, _I) for n in ("m", "k", "threads")]
+
+
+class _WeightsToInt8(ctypes.Structure):
+    _fields_ = [(n, _P) for n in ("weights", "scales", "mins", "out", "row_scales", "work")] + [
+        (n, _I) for n in ("bits", "n", "k", "group", "threads")]
+
+
+class _ScaleProducts(ctypes.Structure):
+    _fields_ = [(n, _P) for n in ("a", "b", "sa", "sb", "xo", "wo", "w", "y")] + [
+        (n, _I) for n in ("outliers", "m", "n", "threads")]
+
+
+# (symbol prefix, ABI version, structs) that native.check_abi compares with each library at load.
+QGEMM_ABI = ("laformer_qgemm", 2, (_Qgemm,))
+ROWS_ABI = ("laformer_int8_rows", 2, (_RoundRows, _WeightsToInt8, _ScaleProducts))
 
 # The schema and shape function live here, so the operator exists (and traces) whichever implementation is loaded.
 _LIBRARY = torch.library.Library("laformer", "DEF")
@@ -51,24 +84,27 @@ def _load_native() -> None:
     flags = [*CFLAGS, "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              *(f"-I{path}" for path in cpp_extension.include_paths()), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}",
              "-lc10", "-ltorch_cpu"]
-    library = native.build(OP_SOURCE, flags, depends=(SOURCE,), cxx=True, tag=torch.__version__, name="qgemm-op")
+    library = native.build(OP_SOURCE, flags, depends=(SOURCE, HEADER), cxx=True, tag=torch.__version__,
+                           name="qgemm-op")
     torch.ops.load_library(str(library))
 
 
 @functools.cache
 def ctypes_kernel():
     """The C kernel through ctypes, as a function with the operator's signature (builds it on first call)."""
-    fn = ctypes.CDLL(str(native.build(SOURCE, CFLAGS))).laformer_qgemm
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int] * 2
+    library = ctypes.CDLL(str(native.build(SOURCE, CFLAGS, depends=(HEADER,))))
+    native.check_abi(library, SOURCE.name, *QGEMM_ABI)
+    fn = library.laformer_qgemm
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.POINTER(_Qgemm)]
 
     def qgemm_ctypes(x, qweight, scales, mins, bits, group_size, int8_activations=False):
         """``int8_activations``: the native decode step's arithmetic (activations rounded to int8 blocks)."""
         M, K = x.shape
         N = qweight.shape[0]
         y = torch.empty(M, N, dtype=torch.float32)
-        if fn(bits, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
-              y.data_ptr(), M, N, K, group_size, torch.get_num_threads(), int8_activations):
+        call = _Qgemm(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
+                      y.data_ptr(), bits, M, N, K, group_size, torch.get_num_threads(), int(int8_activations))
+        if fn(ctypes.byref(call)):
             raise MemoryError("qgemm: out of memory for the quantized activations")
         return y
 
@@ -78,17 +114,21 @@ def ctypes_kernel():
 @functools.cache
 def backend() -> str | None:
     """Which implementation backs ``laformer::qgemm`` here: "native", "ctypes" or None (none could be built)."""
-    if os.environ.get("LAFORMER_NO_KERNELS") or not native.has_avx2():
+    if native.kernels_disabled() or not native.has_avx2():
         return None
     problems = []
     if not os.environ.get("LAFORMER_NO_NATIVE_OP"):
         try:
             _load_native()
             return "native"
+        except native.ABIMismatchError:
+            raise
         except (OSError, RuntimeError) as exc:
             problems.append(f"native operator: {exc}")
     try:
         _LIBRARY.impl("qgemm", ctypes_kernel(), "CPU")
+    except native.ABIMismatchError:
+        raise
     except OSError as exc:
         warnings.warn(f"laformer: quantized kernel unavailable ({'; '.join([*problems, str(exc)])}); using the "
                       "slower dequantize fallback", stacklevel=3)
@@ -118,17 +158,14 @@ def qgemm(
 def _rows_library() -> ctypes.CDLL | None:
     if not native.has_avx2():
         return None
-    library = native.load(ROWS_SOURCE, CFLAGS, "prefill through int8 layers", depends=(SOURCE,))
+    library = native.load(ROWS_SOURCE, CFLAGS, "prefill through int8 layers", depends=(SOURCE, HEADER),
+                          abi=ROWS_ABI)
     if library is not None:
-        library.laformer_round_rows.restype = ctypes.c_double
-        library.laformer_round_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [
-            ctypes.c_void_p] * 6 + [ctypes.c_int]
-        library.laformer_weights_to_int8.restype = None
-        library.laformer_weights_to_int8.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [
-            ctypes.c_void_p] * 3 + [ctypes.c_int]
-        library.laformer_scale_products.restype = None
-        library.laformer_scale_products.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 2 + [
-            ctypes.c_int64] * 2 + [ctypes.c_int]
+        for name, struct, result in (("round_rows", _RoundRows, ctypes.c_double),
+                                     ("weights_to_int8", _WeightsToInt8, None),
+                                     ("scale_products", _ScaleProducts, None)):
+            fn = getattr(library, f"laformer_{name}")
+            fn.restype, fn.argtypes = result, [ctypes.POINTER(struct)]
     return library
 
 
@@ -147,8 +184,9 @@ def round_rows(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch
     threads = torch.get_num_threads()
     q, q2 = torch.empty(M, K, dtype=torch.int8), torch.empty(M, K, dtype=torch.int8)
     scales, scales2, work = torch.empty(M, 1), torch.empty(M, 1), torch.empty(threads, 2, K)
-    peaks = _rows_library().laformer_round_rows(x.data_ptr(), M, K, keep.data_ptr(), q.data_ptr(), scales.data_ptr(),
-                                                q2.data_ptr(), scales2.data_ptr(), work.data_ptr(), threads)
+    peaks = _rows_library().laformer_round_rows(ctypes.byref(_RoundRows(
+        x.data_ptr(), keep.data_ptr(), q.data_ptr(), q2.data_ptr(), scales.data_ptr(), scales2.data_ptr(),
+        work.data_ptr(), M, K, threads)))
     return q, scales, q2, scales2, peaks / M
 
 
@@ -159,9 +197,9 @@ def weights_to_int8(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     N, K = qweight.shape[0], scales.shape[1] * group_size
     threads = torch.get_num_threads()
     out, row_scales, work = torch.empty(N, K, dtype=torch.int8), torch.empty(N), torch.empty(threads, K)
-    _rows_library().laformer_weights_to_int8(
-        bits, qweight.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(), N, K, group_size,
-        out.data_ptr(), row_scales.data_ptr(), work.data_ptr(), threads)
+    _rows_library().laformer_weights_to_int8(ctypes.byref(_WeightsToInt8(
+        qweight.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(), out.data_ptr(),
+        row_scales.data_ptr(), work.data_ptr(), bits, N, K, group_size, threads)))
     return out, row_scales
 
 
@@ -171,8 +209,8 @@ def scale_products(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor | No
     scales, float32 (M, J) @ (J, N) outliers and (N,) column scales; all contiguous."""
     M, N = a.shape
     y = torch.empty(M, N)
-    _rows_library().laformer_scale_products(
-        a.data_ptr(), a_scales.data_ptr(), None if b is None else b.data_ptr(), b_scales.data_ptr(),
-        outlier_x.data_ptr(), outlier_w.data_ptr(), outlier_x.shape[1], column_scales.data_ptr(), y.data_ptr(), M, N,
-        torch.get_num_threads())
+    _rows_library().laformer_scale_products(ctypes.byref(_ScaleProducts(
+        a.data_ptr(), None if b is None else b.data_ptr(), a_scales.data_ptr(), b_scales.data_ptr(),
+        outlier_x.data_ptr(), outlier_w.data_ptr(), column_scales.data_ptr(), y.data_ptr(), outlier_x.shape[1], M, N,
+        torch.get_num_threads())))
     return y

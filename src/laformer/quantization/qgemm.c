@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "abi.h"
+
 typedef uint16_t half; /* IEEE float16 bits */
 
 static inline float widen(half h) { return _cvtsh_ss(h); }
@@ -294,23 +296,46 @@ static void qgemm_columns(int bits, const float *x, const float *xsum, Blocks a,
 #undef ROW_BLOCKS
 }
 
-/* y = x @ dequant(W)^T with float activations (the PyTorch operator) or, with int8_activations, the native decode
-   step's int8 blocks (for tests and benchmarks). Returns 0, or 1 when scratch memory could not be allocated. */
-int laformer_qgemm(int bits, const float *x, const void *w, const half *scales, const half *mins, float *y,
-                   int64_t M, int64_t N, int64_t K, int64_t G, int threads, int int8_activations) {
-    void *buffer = malloc(int8_activations ? blocks_bytes(M, K) : sizeof(float) * M * (K / G));
+/* One call of laformer_qgemm: y (M, N) = x (M, K) @ dequant(w)^T, w laid out as above. int8_activations selects
+   the native decode step's arithmetic (int8 activation blocks; for tests and benchmarks). */
+typedef struct {
+    const float *x;
+    const void *w;
+    const half *scales, *mins; /* mins NULL for symmetric weights */
+    float *y;
+    int64_t bits, m, n, k, g, threads, int8_activations;
+} Qgemm;
+
+/* Bumped with every change to the meaning of an exported function or struct here (their layout is checked at load
+   as well); QGEMM_ABI in quantization/kernels.py. */
+int laformer_qgemm_abi_version(void) { return 2; }
+
+int laformer_qgemm_layout(char *out, int capacity) {
+    LAYOUT_BEGIN
+    LAYOUT_STRUCT(Qgemm) LAYOUT_FIELD(Qgemm, x) LAYOUT_FIELD(Qgemm, w) LAYOUT_FIELD(Qgemm, scales)
+    LAYOUT_FIELD(Qgemm, mins) LAYOUT_FIELD(Qgemm, y) LAYOUT_FIELD(Qgemm, bits) LAYOUT_FIELD(Qgemm, m)
+    LAYOUT_FIELD(Qgemm, n) LAYOUT_FIELD(Qgemm, k) LAYOUT_FIELD(Qgemm, g) LAYOUT_FIELD(Qgemm, threads)
+    LAYOUT_FIELD(Qgemm, int8_activations)
+    LAYOUT_END
+}
+
+/* Returns 0, or 1 when scratch memory could not be allocated. */
+int laformer_qgemm(const Qgemm *c) {
+    const int64_t M = c->m, N = c->n, K = c->k, G = c->g;
+    const int bits = (int)c->bits;
+    void *buffer = malloc(c->int8_activations ? blocks_bytes(M, K) : sizeof(float) * M * (K / G));
     if (!buffer) return 1;
     const Blocks none = {0};
-    const Blocks a = int8_activations ? quantize_rows(x, M, K, G, buffer) : none;
-    float *xsum = int8_activations ? NULL : (float *)buffer;
-    if (!int8_activations && mins) group_sums(x, M, K, G, xsum);
-    if (threads <= 1) { /* even a one-thread OpenMP region costs ~10 us and slowed the columns ~25% here */
-        qgemm_columns(bits, x, xsum, a, w, scales, mins, y, M, 0, N, N, K, G);
+    const Blocks a = c->int8_activations ? quantize_rows(c->x, M, K, G, buffer) : none;
+    float *xsum = c->int8_activations ? NULL : (float *)buffer;
+    if (!c->int8_activations && c->mins) group_sums(c->x, M, K, G, xsum);
+    if (c->threads <= 1) { /* even a one-thread OpenMP region costs ~10 us and slowed the columns ~25% here */
+        qgemm_columns(bits, c->x, xsum, a, c->w, c->scales, c->mins, c->y, M, 0, N, N, K, G);
     } else {
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads((int)c->threads)
         {
             const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-            qgemm_columns(bits, x, xsum, a, w, scales, mins, y, M, N * t / T, N * (t + 1) / T, N, K, G);
+            qgemm_columns(bits, c->x, xsum, a, c->w, c->scales, c->mins, c->y, M, N * t / T, N * (t + 1) / T, N, K, G);
         }
     }
     free(buffer);

@@ -26,9 +26,10 @@ at::Tensor qgemm(const at::Tensor &x, const at::Tensor &qweight, const at::Tenso
     const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
     at::Tensor y = at::empty({M, N}, x.options());
     const half *min_ptr = mins.has_value() ? static_cast<const half *>(mins->const_data_ptr()) : nullptr;
-    const int status = laformer_qgemm(static_cast<int>(bits), x.const_data_ptr<float>(), qweight.const_data_ptr(),
-                   static_cast<const half *>(scales.const_data_ptr()), min_ptr, y.mutable_data_ptr<float>(), M, N, K, group_size,
-                   at::get_num_threads(), /*int8_activations=*/0);
+    const Qgemm call = {x.const_data_ptr<float>(), qweight.const_data_ptr(),
+                        static_cast<const half *>(scales.const_data_ptr()), min_ptr, y.mutable_data_ptr<float>(),
+                        bits, M, N, K, group_size, at::get_num_threads(), /*int8_activations=*/0};
+    const int status = laformer_qgemm(&call);
     TORCH_CHECK(status == 0, "qgemm: out of memory for the quantized activations");
     return y;
 }

@@ -1,0 +1,21 @@
+"""What the engine and native-step tests share: one tiny model's config, the reference loop, an error measure."""
+
+from __future__ import annotations
+
+import torch
+
+from laformer import KVCache
+from laformer.generation import generate
+
+# A large init spreads the logits, so greedy choices are far from ties and token sequences compare exactly.
+CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, eos_token_id=None)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def reference(model, ids, mask=None, **options) -> torch.Tensor:
+    """The plain loop: one ``model(...)`` call per token over a growable cache, no engine."""
+    return generate(model, ids, mask, cache=KVCache(len(model.model.layers)), **options)
