@@ -320,7 +320,7 @@ def test_fused_decode_with_every_slice_in_budget_is_full_attention():
     q, k, v = random_qkv(T=1, S=70)
     cfg = AMAConfig(slice_len=8, budget=80, local_window=16)
     summaries = update_summaries(None, 0, k, v, None, 8, score="scan")
-    out = kernel.decode(q, k, v, None, summaries, kernel.settings(cfg))  # the kernel, not the shortcut
+    out = kernel.decode(q, k, v, None, summaries, cfg)  # the kernel, not the shortcut
     torch.testing.assert_close(out, sdpa_attention(q, k, v, None), atol=1e-5, rtol=1e-5)
 
 

@@ -74,7 +74,6 @@ class AMAAttention:
         if config.mediation == "learned":
             self.gates = [attach_gate(layer.self_attn) for layer in decoder.layers]
         self.fused = kernel.supports(config)  # decode through kernel.c when the tensors allow it
-        self._kernel_settings = kernel.settings(config)
 
     def __call__(
         self,
@@ -94,7 +93,7 @@ class AMAAttention:
         valid = key_validity(mask, T)
         summaries = update_summaries(cache, layer_idx, k, v, valid, cfg.slice_len, cfg.score)
         if T == 1 and self.fused and self.recorder is None and kernel.fits(q, k, v):
-            return kernel.decode(q, k, v, valid, summaries, self._kernel_settings)
+            return kernel.decode(q, k, v, valid, summaries, cfg)
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         gate = self.gates[layer_idx] if self.gates is not None else None
         if T == 1:
