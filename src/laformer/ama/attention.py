@@ -35,6 +35,7 @@ from laformer.ama import kernel
 from laformer.ama.cache import SliceSummaries, update_summaries
 from laformer.ama.config import AMAConfig
 from laformer.ama.scan import slice_log_mass
+from laformer.ama.step import NativeAttention
 from laformer.attention import sdpa_attention
 from laformer.cache import KVCache
 
@@ -74,6 +75,7 @@ class AMAAttention:
         if config.mediation == "learned":
             self.gates = [attach_gate(layer.self_attn) for layer in decoder.layers]
         self.fused = kernel.supports(config)  # decode through kernel.c when the tensors allow it
+        self._native: NativeAttention | None = None  # the native step's hook, kept while the engine's cache stays
 
     def __call__(
         self,
@@ -101,6 +103,19 @@ class AMAAttention:
         else:
             out = self._prefill(q.to(dtype), k, v, mask, valid, summaries, layer_idx, gate)
         return out.to(q.dtype)
+
+    def native_attention(self, model_config, cache) -> NativeAttention | str:
+        """This backend's hook for the engine's native decode step over ``cache`` (a lockstep ``StaticKVCache``),
+        or why that step cannot run it."""
+        cfg = self.config
+        if not self.fused:
+            return ("AMA with Gumbel sampling, the learned gate or recorded selections decodes on the PyTorch step "
+                    "(as it does without the AMA kernel)")
+        if cfg.score == "scan" and cache.keys[0].shape[-1] % 2:
+            return "AMA's scan score needs an even head dim"
+        if self._native is None or self._native.cache is not cache:
+            self._native = NativeAttention(cfg, model_config, cache)
+        return self._native
 
     # ------------------------------------------------------------------ selection
 

@@ -28,7 +28,15 @@ typedef struct {
     Linear qkv, o, gate_up, down;
     const float *input_norm, *post_norm;
     float *keys, *values; /* (B, Hkv, S, D) */
+    int64_t sparse;       /* nonzero: the model's sparse attention (AMA) attends for this layer */
 } Layer;
+
+/* Another attention over the cache (AMA, ama/kernel.c's laformer_ama_step_attention): for rows in lockstep, each
+   holding `length` columns (the new one included), q the rotated queries (B rows q_stride floats apart, heads of
+   D), out (B, H, D). Every thread calls it with its number; it splits the work itself. */
+typedef void (*SparseAttention)(const void *context, int64_t layer, const float *q, int64_t q_stride,
+                                const uint8_t *valid, int64_t valid_stride, int64_t length, float *out, int thread,
+                                int threads);
 
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, head_dim, ffn, vocab, batch, cache_len;
@@ -38,6 +46,8 @@ typedef struct {
     const float *final_norm;
     Linear head;
     const Layer *layer;
+    SparseAttention sparse; /* NULL unless a layer is sparse */
+    const void *sparse_context;
 } Model;
 
 enum { STORE, ADD_TO, SWIGLU };
@@ -183,12 +193,23 @@ int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, i
                 rotate(qkv + b * QKV + (H + g) * D, rope + b * D, rope + b * D + D / 2, L->keys + column, D);
                 memcpy(L->values + column, qkv + b * QKV + (H + Hkv + g) * D, sizeof(float) * D);
             }
+            if (L->sparse) { /* queries rotated in place, then the sparse attention over the lockstep rows */
 #pragma omp for schedule(static)
-            for (int64_t u = 0; u < B * H; u++) {
-                const int64_t b = u / H, head = u % H, cache = (b * Hkv + head / group) * S * D;
-                rotate(qkv + b * QKV + head * D, rope + b * D, rope + b * D + D / 2, q, D);
-                attend(q, L->keys + cache, L->values + cache, valid + b * S, limit[b], D, scores,
-                       attn + (b * H + head) * D);
+                for (int64_t u = 0; u < B * H; u++) {
+                    float *qh = qkv + (u / H) * QKV + (u % H) * D;
+                    rotate(qh, rope + (u / H) * D, rope + (u / H) * D + D / 2, qh, D);
+                }
+                m->sparse(m->sparse_context, l, qkv, QKV, valid, S, slot[0] + 1, attn, omp_get_thread_num(),
+                          omp_get_num_threads());
+#pragma omp barrier
+            } else {
+#pragma omp for schedule(static)
+                for (int64_t u = 0; u < B * H; u++) {
+                    const int64_t b = u / H, head = u % H, cache = (b * Hkv + head / group) * S * D;
+                    rotate(qkv + b * QKV + head * D, rope + b * D, rope + b * D + D / 2, q, D);
+                    attend(q, L->keys + cache, L->values + cache, valid + b * S, limit[b], D, scores,
+                           attn + (b * H + head) * D);
+                }
             }
             project(&L->o, attn, B, y, x, ADD_TO, own_blocks);
             norm_rows(x, L->post_norm, h, B, d, m->eps);

@@ -43,14 +43,15 @@ class _Linear(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("sparse", ctypes.c_int64)]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in
                 ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "batch", "cache_len")] + [
         ("eps", ctypes.c_float), ("embedding", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p),
-        ("final_norm", ctypes.c_void_p), ("head", _Linear), ("layer", ctypes.POINTER(_Layer))]
+        ("final_norm", ctypes.c_void_p), ("head", _Linear), ("layer", ctypes.POINTER(_Layer)),
+        ("sparse", ctypes.c_void_p), ("sparse_context", ctypes.c_void_p)]
 
 
 @functools.cache
@@ -103,6 +104,22 @@ def _describe(module: nn.Module) -> _Linear:
                    module.in_features)
 
 
+def _sparse_problem(backend, model: nn.Module, cache: StaticKVCache, layer: int) -> str | None:
+    """Why ``backend`` (not exact attention) cannot attend inside the native step, or None when its hook can:
+    one backend for every non-exact layer, rows in lockstep (the engine's mode for such backends)."""
+    hook = getattr(backend, "native_attention", None)
+    if hook is None:
+        return f"layer {layer} uses another attention backend ({getattr(backend, '__name__', backend)})"
+    if len({l.self_attn.backend for l in model.decoder.layers} - {sdpa_attention}) > 1:
+        return "the layers use different sparse attention backends"
+    found = hook(model.config, cache)
+    if isinstance(found, str):
+        return found
+    if any(model.decoder.layers[i].self_attn.backend is not backend for i in found.layers):
+        return "the sparse attention backend is set on only some of the layers it would serve"
+    return None
+
+
 class NativeStep:
     """Decodes one token per row of ``cache`` for ``model`` (a fused ``LaFormerForCausalLM``) in one native call.
 
@@ -133,7 +150,8 @@ class NativeStep:
             if not all(hasattr(attn, n) for n in ("qkv_proj", "o_proj")) or not hasattr(mlp, "gate_up_proj"):
                 return f"layer {i} has no fused qkv_proj/gate_up_proj (pass the engine's FusedView)"
             if attn.backend is not sdpa_attention:
-                return f"layer {i} uses another attention backend ({getattr(attn.backend, '__name__', attn.backend)})"
+                if problem := _sparse_problem(attn.backend, model, cache, i):
+                    return problem
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
             if any(type(n) is not RMSNorm or not _float32_cpu(n.weight) for n in norms):
                 return f"layer {i} has norms that are not float32 RMSNorm"
@@ -150,6 +168,12 @@ class NativeStep:
     def __init__(self, model: nn.Module, cache: StaticKVCache) -> None:
         """For a model ``unsupported`` accepts (``create`` checks it)."""
         config, decoder = model.config, model.decoder
+        # A sparse attention backend (AMA) attends for its layers through its hook (``native_attention``).
+        backends = {layer.self_attn.backend for layer in decoder.layers} - {sdpa_attention}
+        self._sparse = backends.pop().native_attention(config, cache) if backends else None
+        sparse_layers = set(self._sparse.layers) if self._sparse is not None else set()
+        if self._sparse is not None:
+            self._sparse.start()
         # Hold every tensor behind the pointers, so replacing a model's weights (model.to(...), a new cache) can
         # never leave the C code reading freed memory; the engine rebuilds this step at each new batch anyway.
         self._held = [*model.parameters(), *model.buffers(), *cache.keys, *cache.values]
@@ -157,8 +181,8 @@ class NativeStep:
             _Layer(_describe(layer.self_attn.qkv_proj), _describe(layer.self_attn.o_proj),
                    _describe(layer.mlp.gate_up_proj), _describe(layer.mlp.down_proj),
                    layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                   keys.data_ptr(), values.data_ptr())
-            for layer, keys, values in zip(decoder.layers, cache.keys, cache.values)
+                   keys.data_ptr(), values.data_ptr(), int(i in sparse_layers))
+            for i, (layer, keys, values) in enumerate(zip(decoder.layers, cache.keys, cache.values))
         ]
         self._layers = (_Layer * len(layers))(*layers)
         self._model = _Model(
@@ -166,6 +190,7 @@ class NativeStep:
             config.intermediate_size, decoder.embed_tokens.num_embeddings, cache.batch_size, cache.max_length,
             config.rms_norm_eps, decoder.embed_tokens.weight.data_ptr(), decoder.rotary_emb.inv_freq.data_ptr(),
             decoder.norm.weight.data_ptr(), _describe(model.lm_head), self._layers,
+            *((self._sparse.function, self._sparse.context) if self._sparse is not None else (None, None)),
         )
         self.vocab_size = model.lm_head.out_features
         self._scratch, self._scratch_threads = torch.empty(0, dtype=torch.uint8), 0
@@ -176,6 +201,8 @@ class NativeStep:
         tokens = tokens.to(torch.int64).contiguous()
         logits = torch.empty(tokens.shape[0], self.vocab_size)
         threads, library = torch.get_num_threads(), _library()
+        if self._sparse is not None:
+            self._sparse.prepare(threads)
         if threads != self._scratch_threads:  # once, or when the thread count changes
             self._scratch = torch.empty(library.laformer_decode_scratch_bytes(ctypes.byref(self._model), threads),
                                         dtype=torch.uint8)
