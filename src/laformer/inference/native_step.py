@@ -149,9 +149,8 @@ class NativeStep:
             attn, mlp = layer.self_attn, layer.mlp
             if not all(hasattr(attn, n) for n in ("qkv_proj", "o_proj")) or not hasattr(mlp, "gate_up_proj"):
                 return f"layer {i} has no fused qkv_proj/gate_up_proj (pass the engine's FusedView)"
-            if attn.backend is not sdpa_attention:
-                if problem := _sparse_problem(attn.backend, model, cache, i):
-                    return problem
+            if attn.backend is not sdpa_attention and (problem := _sparse_problem(attn.backend, model, cache, i)):
+                return problem
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
             if any(type(n) is not RMSNorm or not _float32_cpu(n.weight) for n in norms):
                 return f"layer {i} has norms that are not float32 RMSNorm"
