@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
 from ama.helpers import needs_kernel, planted_keys, random_qkv
+from laformer import LaFormerError, native
 from laformer.ama import AMAConfig, SlicedKVCache, kernel
 from laformer.ama.attention import AMAAttention
 from laformer.ama.cache import summarize, update_summaries
@@ -105,3 +108,34 @@ def test_fused_decode_is_skipped_for_what_it_does_not_do():
         assert not kernel.supports(AMAConfig(slice_len=8, budget=32, local_window=16, **fields))
     q, k, v = random_qkv(T=1)
     assert not kernel.fits(q, k.bfloat16(), v.bfloat16())
+
+
+# ---------------------------------------------------------------- the checked interface
+
+
+class Layer(ctypes.Structure):  # kernel.Layer with two of its integers swapped: the same size, other offsets
+    _fields_ = [(n, t) for n, t in kernel.Layer._fields_ if n not in ("capacity", "count_batch_stride")]
+    _fields_.insert(-2, ("count_batch_stride", ctypes.c_int64))
+    _fields_.insert(-2, ("capacity", ctypes.c_int64))
+
+
+@needs_kernel
+def test_a_struct_mirror_that_disagrees_with_the_c_code_is_refused():
+    assert ctypes.sizeof(Layer) == ctypes.sizeof(kernel.Layer)
+    structs = (kernel.Settings, Layer, kernel.Scan, kernel.Step)
+    native.check_abi(kernel.library(), "kernel.c", "laformer_ama", kernel.ABI_VERSION, kernel.STRUCTS)  # as built
+    with pytest.raises(native.ABIMismatchError, match="lays out its structs"):
+        native.check_abi(kernel.library(), "kernel.c", "laformer_ama", kernel.ABI_VERSION, structs)
+
+
+@needs_kernel
+def test_a_library_of_another_abi_version_is_refused_at_load(monkeypatch):
+    monkeypatch.setattr(kernel, "ABI_VERSION", kernel.ABI_VERSION + 1)
+    kernel.library.cache_clear()
+    try:
+        with pytest.raises(LaFormerError, match=f"ABI version {kernel.ABI_VERSION - 1} but laformer expects"):
+            kernel.library()
+    finally:
+        monkeypatch.undo()
+        kernel.library.cache_clear()
+    assert kernel.available()
