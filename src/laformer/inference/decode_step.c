@@ -166,8 +166,10 @@ int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, i
     float *scratch = (float *)(limit + B);
     float *x = scratch, *qkv = x + B * d, *attn = qkv + B * QKV, *act = attn + B * H * D, *y = act + B * m->ffn;
     float *rope = y + B * widest;
+    int64_t lockstep = 0; /* the sparse attention's length: the widest row (a parked row sits at column 0) */
 
     for (int64_t b = 0; b < B; b++) {
+        lockstep = slot[b] + 1 > lockstep ? slot[b] + 1 : lockstep;
         memcpy(x + b * d, m->embedding + tokens[b] * d, sizeof(float) * d);
         for (int64_t i = 0; i < D / 2; i++) {
             const float angle = (float)position[b] * m->inv_freq[i];
@@ -199,7 +201,7 @@ int laformer_decode_step(const Model *m, const int64_t *tokens, int64_t *slot, i
                     float *qh = qkv + (u / H) * QKV + (u % H) * D;
                     rotate(qh, rope + (u / H) * D, rope + (u / H) * D + D / 2, qh, D);
                 }
-                m->sparse(m->sparse_context, l, qkv, QKV, valid, S, slot[0] + 1, attn, omp_get_thread_num(),
+                m->sparse(m->sparse_context, l, qkv, QKV, valid, S, lockstep, attn, omp_get_thread_num(),
                           omp_get_num_threads());
 #pragma omp barrier
             } else {

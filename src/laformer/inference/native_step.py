@@ -9,8 +9,10 @@ activations there, as in llama.cpp (``quantization/qgemm.c``; +0.0% decode perpl
 with 4-bit on SmolLM2), where the PyTorch step keeps float activations; ``set_int8_activations(model, False)``
 sends quantized models to the PyTorch step.
 
-``NativeStep.unsupported(model, cache)`` says why a model or batch cannot take this path (adapters, a sparse
-attention backend, bfloat16, a batch above 8 rows, ...); the engine then runs the PyTorch step.
+A sparse attention backend that offers a native hook (AMA: ``native_attention``, ``ama/step.py``) attends for its
+layers inside the same call, over rows kept in lockstep. ``NativeStep.unsupported(model, cache)`` says why a model
+or batch cannot take this path (adapters, another attention backend, bfloat16, a batch above 8 rows, ...); the
+engine then runs the PyTorch step.
 """
 
 from __future__ import annotations
