@@ -26,6 +26,7 @@ context^2; the scan that ranks the slices still reads every earlier token, at 4 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,10 @@ from laformer.ama.scan import slice_log_mass
 from laformer.ama.step import NativeAttention
 from laformer.attention import sdpa_attention
 from laformer.cache import KVCache
+from laformer.config import LaFormerConfig
+
+if TYPE_CHECKING:  # the engine's cache; AMA itself sits below the inference package
+    from laformer.inference.static_cache import StaticKVCache
 
 NEG_INF = float("-inf")
 BLOCK_CHUNK_ELEMENTS = 1 << 23  # bounds the gathered keys and attention masks held at once in prefill
@@ -104,7 +109,7 @@ class AMAAttention:
             out = self._prefill(q.to(dtype), k, v, mask, valid, summaries, layer_idx, gate)
         return out.to(q.dtype)
 
-    def native_attention(self, model_config, cache) -> NativeAttention | str:
+    def native_attention(self, model_config: LaFormerConfig, cache: StaticKVCache) -> NativeAttention | str:
         """This backend's hook for the engine's native decode step over ``cache`` (a lockstep ``StaticKVCache``),
         or why that step cannot run it."""
         cfg = self.config

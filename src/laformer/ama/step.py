@@ -10,11 +10,17 @@ before the first step, so the native steps continue exactly where the prefill st
 from __future__ import annotations
 
 import ctypes
+from typing import TYPE_CHECKING
 
 import torch
 
 from laformer.ama import kernel
 from laformer.ama.cache import SliceSummaries
+from laformer.ama.config import AMAConfig
+from laformer.config import LaFormerConfig
+
+if TYPE_CHECKING:  # the engine's cache; AMA itself sits below the inference package
+    from laformer.inference.static_cache import StaticKVCache
 
 _UNSYNCED = object()  # no prefill state copied yet
 
@@ -26,7 +32,7 @@ class NativeAttention:
     serves (the rest keep exact attention); call ``start`` when a new batch is prefilled and ``prepare`` before every
     step."""
 
-    def __init__(self, config, model_config, cache) -> None:
+    def __init__(self, config: AMAConfig, model_config: LaFormerConfig, cache: StaticKVCache) -> None:
         B, Hkv, S, D = cache.keys[0].shape
         L = config.slice_len
         capacity = S // L
