@@ -1,6 +1,7 @@
 """Actively Mediated Attention on the default model, against full attention and a sinks + window baseline.
 
-For each context: decode time per token (end to end and attention alone), prefill time, perplexity on the long
+For each context: decode time per token through ``model.generate(..., attention=AMAConfig(...))`` (the decode engine's
+native step, as a user runs it), prefill time, perplexity on the long
 texts in ../shared/data/longtext (sliding windows, the last quarter of each scored) and passkey retrieval
 accuracy (a 5-digit key stated once in filler text at depths 0%..100%, asked for at the end).
 
@@ -8,16 +9,20 @@ accuracy (a 5-digit key stated once in filler text at depths 0%..100%, asked for
     python bench/ama.py --quick           # decode speed at 1k-8k, quality at 1k and 2k, few trials
     python bench/ama.py --quality-contexts 4096 --trials 20 --methods full,ama-1024,window-1024
 
-Decode timing runs on a KV cache filled with random keys/values of the given length (a decode step's cost does
-not depend on what the cache holds); quality runs on real text. ``--clock cpu --threads 1`` times this process's
-CPU seconds, which other jobs on a shared machine disturb far less than wall time.
+Decode timing prefills a real-text prompt once per method and times further ``generate`` calls on it (the engine
+reuses the prompt's keys); ``--kernel-contexts`` times one layer's attention alone on random tensors. Quality runs
+on real text. ``--clock cpu --threads 1`` times this process's CPU seconds, which other jobs on a shared machine
+disturb far less than wall time. The 8k decode table of docs/ama.md:
+
+    python bench/ama.py --contexts 8192 --quality-contexts none --kernel-contexts none --threads 1 --clock cpu
+        --methods full,ama-1024,ama-1024-off,ama-512,window-1024 [--quantize int8]
 
 ``--passkey-prefill shared`` (default) prefills each passkey prompt once with full attention and runs the
-question and the answer under each method, as Quest evaluates; ``method`` runs the whole prompt under the method
-(slow). ``--ppl-prefill method`` (default) runs each perplexity window wholly under the method (block-sparse
+question and the answer under each method, as Quest evaluates; ``method`` answers each whole prompt with
+``model.generate(..., attention=...)`` (the decode engine, whose prompt cache reuses the filler the prompts
+share). ``--ppl-prefill method`` (default) runs each perplexity window wholly under the method (block-sparse
 prefill); ``shared`` prefills its first three quarters once with full attention and only the scored quarter
-runs under each method. Every method uses the same cache class (``SlicedKVCache``), so the timings compare
-attention, not cache copies.
+runs under each method.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from laformer import LaFormerForCausalLM
 from laformer.ama import AMAConfig, SlicedKVCache
 from laformer.attention import sdpa_attention
 from laformer.formats.registry import DEFAULT_MODEL, resolve
+from laformer.inference.engine import engine_for
 from laformer.tokenizer import LaFormerTokenizer
 
 LONGTEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "longtext"
@@ -98,36 +104,32 @@ def same_as_full(method: str, context: int) -> bool:
 # ---------------------------------------------------------------- speed
 
 
+PROMPT_ROOM = 40  # a decode-timing prompt is the context minus this, so 1 + 32 new tokens fit one cache size
+
+
 @torch.no_grad()
-def decode_speed(model, context: int, methods: list[str], steps: int, rounds: int = 4) -> dict[str, dict[str, float]]:
-    """Milliseconds per decode step, whole model and attention alone. The methods take turns over ``rounds``
-    rounds of ``steps / rounds`` steps each, so a change in the machine's load hits them all alike."""
-    cfg = model.config
-    cache = SlicedKVCache(cfg.num_hidden_layers, SLICE, capacity=context)
-    g = torch.Generator().manual_seed(0)
-    per_round = max(1, min(steps // rounds, SLICE - 2))
-    # The steps stay inside the last slice: a step that fills a slice also summarises it, which real decoding
-    # pays once every SLICE steps; timing it in every round would overcharge AMA.
-    context -= SLICE - 1
-    for layer in range(cfg.num_hidden_layers):
-        shape = (1, cfg.num_key_value_heads, context, cfg.head_dim)
-        cache.update(torch.randn(shape, generator=g), torch.randn(shape, generator=g), layer)
-    token = torch.tensor([[42]])
-    totals = {m: [0.0, 0.0] for m in methods}  # whole step, attention
+def decode_speed(model, tokenizer, context: int, methods: list[str], steps: int, rounds: int = 1) -> dict[str, dict]:
+    """Milliseconds per token decoded by ``model.generate(..., attention=...)``, as a user calls it: the decode
+    engine (its native step, for full attention and AMA alike), a real-text prompt of ``context - 40`` tokens.
+
+    Each method prefills the prompt once (under the method); then ``generate`` runs on the same prompt with 1 and
+    with ``1 + steps`` new tokens, and the engine's prompt cache reuses the prefilled keys, so the difference of the
+    two is ``steps`` decode steps. Methods take turns over ``rounds`` rounds."""
+    ids = text_windows(tokenizer, context - PROMPT_ROOM, 1)[0][None]
+    steps = min(steps, PROMPT_ROOM - 8)
+    totals, paths = dict.fromkeys(methods, 0.0), {}
     for _ in range(rounds):
         for method in methods:
-            cache.crop(context)
-            timed = use(model, method)
-            model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)  # warm-up; AMA summarises
-            timed.seconds = 0.0
+            options = {"attention": METHODS[method], "eos_token_id": []}
+            model.generate(ids, max_new_tokens=1, **options)  # the prefill; the engine keeps its keys
             start = clock()
-            for _ in range(per_round):
-                model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            totals[method][0] += clock() - start
-            totals[method][1] += timed.seconds
-    model.decoder.set_attention(None)
-    n = rounds * per_round
-    return {m: {"decode_ms": 1000 * t / n, "attn_ms": 1000 * a / n} for m, (t, a) in totals.items()}
+            model.generate(ids, max_new_tokens=1, **options)
+            short = clock() - start
+            start = clock()
+            model.generate(ids, max_new_tokens=1 + steps, **options)
+            totals[method] += clock() - start - short
+            paths[method] = engine_for(model).path
+    return {m: {"decode_ms": 1000 * t / (rounds * steps), "path": paths[m]} for m, t in totals.items()}
 
 
 @torch.no_grad()
@@ -225,9 +227,8 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> tuple[lis
 
 
 @torch.no_grad()
-def answer(model, prompt: list[int], cache: SlicedKVCache | None, start: int, new_tokens: int) -> list[int]:
+def answer(model, prompt: list[int], cache: SlicedKVCache, start: int, new_tokens: int) -> list[int]:
     """Greedy continuation of ``prompt``; ``cache`` already holds its first ``start`` tokens."""
-    cache = cache if cache is not None else SlicedKVCache(model.config.num_hidden_layers, SLICE)
     cache.crop(start)
     logits = model(torch.tensor([prompt[start:]]), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     out = []
@@ -246,19 +247,24 @@ def passkey(model, tokenizer, context: int, methods: list[str], trials: int, sha
     rng = random.Random(context)
     trial_keys = [(trial / max(1, trials - 1), str(rng.randint(10000, 99999))) for trial in range(trials)]
     hits = {m: 0 for m in methods}
-    cache = SlicedKVCache(model.config.num_hidden_layers, SLICE, capacity=context + 16) if shared else None
+    if not shared:  # model.generate under the method; its engine reuses the filler the last prompt shares
+        for method in methods:
+            for depth, key in sorted(trial_keys, reverse=True):
+                prompt, _ = passkey_prompt(tokenizer, context - 8, depth, key)
+                ids = model.generate(torch.tensor([prompt]), max_new_tokens=7, attention=METHODS[method])
+                hits[method] += key in re.sub(r"\s", "", tokenizer.decode(ids[0, len(prompt):].tolist()))
+        return {m: 100.0 * hits[m] / trials for m in methods}
+    cache = SlicedKVCache(model.config.num_hidden_layers, SLICE, capacity=context + 16)
     cached = 0  # tokens in ``cache`` that are pure filler, valid for any later (shallower) key
     for depth, key in sorted(trial_keys, reverse=True):
         prompt, question = passkey_prompt(tokenizer, context - 8, depth, key)  # room for the answer
-        start = 0
-        if shared:
-            start = len(prompt) - question
-            at = prompt_key_position(tokenizer, prompt, key)
-            cached = min(cached, at)
-            cache.crop(cached)
-            use(model, "full")
-            model(torch.tensor([prompt[cached:start]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cached = at
+        start = len(prompt) - question
+        at = prompt_key_position(tokenizer, prompt, key)
+        cached = min(cached, at)
+        cache.crop(cached)
+        use(model, "full")
+        model(torch.tensor([prompt[cached:start]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cached = at
         for method in methods:
             use(model, method)
             text = tokenizer.decode(answer(model, prompt, cache, start, 7))
@@ -307,7 +313,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=20, help="passkey trials per context, depths 0..100%% "
                         "(0: skip passkey)")
     parser.add_argument("--ppl-windows", type=int, default=6, help="perplexity windows per context")
-    parser.add_argument("--decode-tokens", type=int, default=16, help="timed decode steps per method")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps per method and round "
+                        "(at most 32)")
+    parser.add_argument("--rounds", type=int, default=1, help="decode timing rounds (each prefills every method)")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="load the model quantized, as from_pretrained(quantize=...)")
     parser.add_argument("--passkey-prefill", choices=("shared", "method"), default="shared")
     parser.add_argument("--ppl-prefill", choices=("method", "shared"), default="method",
                         help="method: the whole window runs under the method (block-sparse prefill); shared: the "
@@ -336,14 +346,15 @@ def main(argv: list[str] | None = None) -> None:
         methods = ["full"] + [m for m in methods if m != "full"]
 
     path = resolve(DEFAULT_MODEL)
-    model = LaFormerForCausalLM.from_pretrained(path)
+    model = LaFormerForCausalLM.from_pretrained(path, quantize=args.quantize)
     tokenizer = LaFormerTokenizer.from_pretrained(path)
     print(f"threads={torch.get_num_threads()} {AMAConfig(budget=1024).describe()}; "
           f"{AMAConfig(budget=512).describe()}", file=sys.stderr)
     rows: dict[tuple[int, str], dict[str, float]] = {}
     for context in sorted(set(contexts) | set(quality)):
         if context in contexts:
-            for method, r in decode_speed(model, context, methods, args.decode_tokens).items():
+            for method, r in decode_speed(model, tokenizer, context, methods, args.decode_tokens,
+                                          args.rounds).items():
                 rows.setdefault((context, method), {}).update(r)
             print(f"[{context}] decode timed", file=sys.stderr)
         if context in quality:
@@ -392,21 +403,18 @@ def print_table(rows: dict[tuple[int, str], dict[str, float]], methods: list[str
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    print("| context | method | decode ms/tok | x full | attn ms/tok | x full | prefill s | x full | ppl | "
-          "ppl vs full | passkey % |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| context | method | decode ms/tok (step) | x full | prefill s | x full | ppl | ppl vs full | passkey % |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for context in sorted({c for c, _ in rows}):
         full = rows.get((context, "full"), {})
         for method in methods:
             r = rows.get((context, method), {})
-            ratio = {k: (full[k] / r[k] if k in r and k in full and r[k] else None)
-                     for k in ("decode_ms", "attn_ms", "prefill_s")}
+            ratio = {k: (full[k] / r[k] if k in r and k in full and r[k] else None) for k in ("decode_ms", "prefill_s")}
             delta = 100 * (r["ppl"] / full["ppl"] - 1) if "ppl" in r and "ppl" in full else None
-            print(f"| {context} | {method} | {cell(r.get('decode_ms'), '.1f')} | {cell(ratio['decode_ms'], '.2f')} | "
-                  f"{cell(r.get('attn_ms'), '.2f')} | {cell(ratio['attn_ms'], '.2f')} | "
+            decode = f"{r['decode_ms']:.1f} ({r['path']})" if "decode_ms" in r else "-"
+            print(f"| {context} | {method} | {decode} | {cell(ratio['decode_ms'], '.2f')} | "
                   f"{cell(r.get('prefill_s'), '.1f')} | {cell(ratio['prefill_s'], '.2f')} | "
                   f"{cell(r.get('ppl'), '.3f')} | {cell(delta, '+.1f')}% | {cell(r.get('passkey'), '.0f')} |")
-
 
 if __name__ == "__main__":
     main()

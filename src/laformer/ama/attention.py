@@ -26,6 +26,7 @@ context^2; the scan that ranks the slices still reads every earlier token, at 4 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,13 @@ from laformer.ama import kernel
 from laformer.ama.cache import SliceSummaries, update_summaries
 from laformer.ama.config import AMAConfig
 from laformer.ama.scan import slice_log_mass
+from laformer.ama.step import NativeAttention
 from laformer.attention import sdpa_attention
 from laformer.cache import KVCache
+from laformer.config import LaFormerConfig
+
+if TYPE_CHECKING:  # the engine's cache; AMA itself sits below the inference package
+    from laformer.inference.static_cache import StaticKVCache
 
 NEG_INF = float("-inf")
 BLOCK_CHUNK_ELEMENTS = 1 << 23  # bounds the gathered keys and attention masks held at once in prefill
@@ -74,7 +80,7 @@ class AMAAttention:
         if config.mediation == "learned":
             self.gates = [attach_gate(layer.self_attn) for layer in decoder.layers]
         self.fused = kernel.supports(config)  # decode through kernel.c when the tensors allow it
-        self._kernel_settings = kernel.settings(config)
+        self._native: NativeAttention | None = None  # the native step's hook, kept while the engine's cache stays
 
     def __call__(
         self,
@@ -94,7 +100,7 @@ class AMAAttention:
         valid = key_validity(mask, T)
         summaries = update_summaries(cache, layer_idx, k, v, valid, cfg.slice_len, cfg.score)
         if T == 1 and self.fused and self.recorder is None and kernel.fits(q, k, v):
-            return kernel.decode(q, k, v, valid, summaries, self._kernel_settings)
+            return kernel.decode(q, k, v, valid, summaries, cfg)
         dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         gate = self.gates[layer_idx] if self.gates is not None else None
         if T == 1:
@@ -102,6 +108,19 @@ class AMAAttention:
         else:
             out = self._prefill(q.to(dtype), k, v, mask, valid, summaries, layer_idx, gate)
         return out.to(q.dtype)
+
+    def native_attention(self, model_config: LaFormerConfig, cache: StaticKVCache) -> NativeAttention | str:
+        """This backend's hook for the engine's native decode step over ``cache`` (a lockstep ``StaticKVCache``),
+        or why that step cannot run it."""
+        cfg = self.config
+        if not self.fused:
+            return ("AMA with Gumbel sampling, the learned gate or recorded selections decodes on the PyTorch step "
+                    "(as it does without the AMA kernel)")
+        if cfg.score == "scan" and cache.keys[0].shape[-1] % 2:
+            return "AMA's scan score needs an even head dim"
+        if self._native is None or self._native.cache is not cache:
+            self._native = NativeAttention(cfg, model_config, cache)
+        return self._native
 
     # ------------------------------------------------------------------ selection
 

@@ -1,6 +1,8 @@
 /* One AMA decode step of one layer in a single call: the fused form of AMAAttention._decode (attention.py),
  * which stays the reference. Per (batch row, KV head), with the G query heads of the group sharing the choice:
  *
+ *   0. summarise the slices that filled since the last step, when the caller keeps no summaries of its own
+ *      (the engine's native step: the same numbers as cache.py's summarize);
  *   1. score every candidate slice: scan (the attention mass of its tokens, estimated from a 4-bit copy of the
  *      keys and int8 queries, summed over the group; scan.py is its reference), or from its summary (bound:
  *      q.center + |q|.radius of the key min/max box, summed over the group; or q . mean key), in float32;
@@ -11,9 +13,12 @@
  *   4. mediation: every unselected candidate is one pseudo-token (mean key, mean value, logit bias
  *      log(count)) folded into the same online softmax, i.e. the log-sum-exp merge of the two partitions.
  *
- * Nothing here allocates per token; the only memory read is the summaries, the chosen slices and q. It runs
- * on one thread: a layer's step is a fraction of a millisecond, less than waking a thread team costs on a
- * loaded machine.
+ * The decode step allocates nothing: its scratch comes from the caller (laformer_ama_scratch_floats says how
+ * much) and the summaries live in the caller's tensors. The arguments travel in structs (Settings, Layer, Scan)
+ * whose layout the Python side checks at load (laformer_ama_abi_version, laformer_ama_layout), so a library built
+ * from other sources is refused instead of read wrongly. A caller splits the (batch row, KV head) units between
+ * threads (thread, threads); the PyTorch backend calls it on one thread: a layer's step is a fraction of a
+ * millisecond, less than waking a thread team costs on a loaded machine.
  * Plain C called through ctypes (no torch headers), so it builds in about a second.
  */
 #include <math.h>
@@ -23,6 +28,8 @@
 #endif
 #include <stdlib.h>
 #include <string.h>
+
+#include "../quantization/abi.h"
 
 typedef struct {
     float *m;     /* (G) running max logit per query head */
@@ -279,71 +286,199 @@ static void select_top(Scored *a, int n, int k) {
     }
 }
 
-/* The scan masses of Q query blocks (prefill): q (B, Hkv, Q, R, D) rows per block, key_codes (B, Hkv, N * L, D / 2),
- * key_scales (B, Hkv, N * L), own (Q) the slice of each block (slices before it are scored), valid (B, S) or NULL;
- * mass (B, Hkv, Q, N) out, zero for slices not scored. */
-void laformer_ama_scan(const float *q, const uint8_t *key_codes, const float *key_scales, const int64_t *own,
-                       const uint8_t *valid, float *mass, int B, int Hkv, int Q, int R, int D, int N, int L, int S) {
-    float *work = malloc(sizeof(float) * (size_t)R * N * L);
-    for (int64_t unit = 0; unit < (int64_t)B * Hkv; unit++) {
-        const int b = (int)(unit / Hkv);
-        const uint8_t *codes = key_codes + unit * N * L * (D / 2);
-        const float *scales = key_scales + unit * N * L;
-        for (int i = 0; i < Q; i++) {
-            const int slices = own[i] < N ? (int)own[i] : N;
-            float *out = mass + (unit * Q + i) * N;
-            if (slices > 0)
-                scan_mass(q + (unit * Q + i) * R * D, R, D, codes, scales, slices * L, L,
-                          valid ? valid + (int64_t)b * S : NULL, work, out);
-            for (int j = slices > 0 ? slices : 0; j < N; j++) out[j] = 0.0f;
-        }
-    }
-    free(work);
-}
+#define AMA_ABI_VERSION 2
 
 enum { SCORE_BOUND, SCORE_MEAN, SCORE_SCAN };
 
-/* q (B, H, D); k, v (B, Hkv, S, D) with the given batch/head strides and rows of D contiguous floats;
- * valid (B, S) or NULL; kmean, vmean (B, Hkv, N, D) contiguous, N = S / L full slices; kmin, kmax the same
- * shape, or NULL unless the score is SCORE_BOUND; log_count (B, N); key_codes (B, Hkv, N * L, D / 2) and
- * key_scales (B, Hkv, N * L), or NULL unless it is SCORE_SCAN;
- * out (B, H, D). n_pick: slices attended besides the partial last one; score: a SCORE_ value. */
-void laformer_ama_decode(const float *q, const float *k, const float *v, int64_t k_sb, int64_t k_sh,
-                         int64_t v_sb, int64_t v_sh, const uint8_t *valid, const float *kmin, const float *kmax,
-                         const float *kmean, const float *vmean, const float *log_count, const uint8_t *key_codes,
-                         const float *key_scales, float *out, int B, int H, int Hkv, int S, int D, int L,
-                         int sink_slices, int local_slices, int n_pick, int score, int mediate) {
-    const int G = H / Hkv, N = S / L, own = (S - 1) / L;
-    const int local_start = own - local_slices + 1 > 0 ? own - local_slices + 1 : 0;
-    const int sink_end = local_start < sink_slices ? local_start : sink_slices;
+/* AMAConfig and the model's shapes (kernel.py's settings): fixed per backend. budget_slices counts the partial
+ * last slice, which is always attended. */
+typedef struct {
+    int64_t batch, heads, kv_heads, head_dim;
+    int64_t slice_len, sink_slices, local_slices, budget_slices;
+    int64_t score, mediate;
+} Settings;
+
+/* One layer's cache and slice summaries. Keys and values are rows of head_dim floats with the given batch/head
+ * strides (in floats). Per (b, h) row the summaries hold `capacity` slices: kmean, vmean (and kmin, kmax for
+ * SCORE_BOUND, else NULL) (B, Hkv, capacity, D); key_codes (B, Hkv, capacity * L, D / 2) and key_scales
+ * (B, Hkv, capacity * L) for SCORE_SCAN, else NULL; log_count at b * count_batch_stride + h * count_head_stride
+ * (a head stride of 0 shares one row between the heads). summarised (B * Hkv): slices already summarised per row,
+ * which decode brings up to date; NULL when the caller summarises (the PyTorch backend). */
+typedef struct {
+    const float *keys, *values;
+    int64_t key_batch_stride, key_head_stride, value_batch_stride, value_head_stride;
+    float *kmean, *vmean, *kmin, *kmax, *log_count, *key_scales;
+    uint8_t *key_codes;
+    int64_t capacity, count_batch_stride, count_head_stride;
+    int64_t *summarised;
+} Layer;
+
+/* The prefill scan's arguments: q (B, Hkv, Q, R, D) rows per query block, key_codes (B, Hkv, N * L, D / 2),
+ * key_scales (B, Hkv, N * L), own (Q) the slice of each block (slices before it are scored), valid (B, S) rows
+ * valid_stride apart, or NULL; mass (B, Hkv, Q, N) out, zero for slices not scored. */
+typedef struct {
+    const float *q;
+    const uint8_t *key_codes;
+    const float *key_scales;
+    const int64_t *own;
+    const uint8_t *valid;
+    float *mass;
+    int64_t batch, kv_heads, queries, rows, head_dim, slices, slice_len, valid_stride;
+} Scan;
+
+/* What the engine's native decode step calls for each AMA layer (inference/decode_step.c's sparse hook):
+ * settings, one Layer per model layer, and scratch_floats of scratch for each of `threads` threads. */
+typedef struct {
+    const Settings *settings;
+    const Layer *layers;
+    float *scratch;
+    int64_t scratch_floats, threads;
+} Step;
+
+int laformer_ama_abi_version(void) { return AMA_ABI_VERSION; }
+
+int laformer_ama_layout(char *out, int capacity) {
+    LAYOUT_BEGIN
+    LAYOUT_STRUCT(Settings) LAYOUT_FIELD(Settings, batch) LAYOUT_FIELD(Settings, heads)
+    LAYOUT_FIELD(Settings, kv_heads) LAYOUT_FIELD(Settings, head_dim) LAYOUT_FIELD(Settings, slice_len)
+    LAYOUT_FIELD(Settings, sink_slices) LAYOUT_FIELD(Settings, local_slices) LAYOUT_FIELD(Settings, budget_slices)
+    LAYOUT_FIELD(Settings, score) LAYOUT_FIELD(Settings, mediate)
+    LAYOUT_STRUCT(Layer) LAYOUT_FIELD(Layer, keys) LAYOUT_FIELD(Layer, values) LAYOUT_FIELD(Layer, key_batch_stride)
+    LAYOUT_FIELD(Layer, key_head_stride) LAYOUT_FIELD(Layer, value_batch_stride)
+    LAYOUT_FIELD(Layer, value_head_stride) LAYOUT_FIELD(Layer, kmean) LAYOUT_FIELD(Layer, vmean)
+    LAYOUT_FIELD(Layer, kmin) LAYOUT_FIELD(Layer, kmax) LAYOUT_FIELD(Layer, log_count) LAYOUT_FIELD(Layer, key_scales)
+    LAYOUT_FIELD(Layer, key_codes) LAYOUT_FIELD(Layer, capacity) LAYOUT_FIELD(Layer, count_batch_stride)
+    LAYOUT_FIELD(Layer, count_head_stride) LAYOUT_FIELD(Layer, summarised)
+    LAYOUT_STRUCT(Scan) LAYOUT_FIELD(Scan, q) LAYOUT_FIELD(Scan, key_codes) LAYOUT_FIELD(Scan, key_scales)
+    LAYOUT_FIELD(Scan, own) LAYOUT_FIELD(Scan, valid) LAYOUT_FIELD(Scan, mass) LAYOUT_FIELD(Scan, batch)
+    LAYOUT_FIELD(Scan, kv_heads) LAYOUT_FIELD(Scan, queries) LAYOUT_FIELD(Scan, rows) LAYOUT_FIELD(Scan, head_dim)
+    LAYOUT_FIELD(Scan, slices) LAYOUT_FIELD(Scan, slice_len) LAYOUT_FIELD(Scan, valid_stride)
+    LAYOUT_STRUCT(Step) LAYOUT_FIELD(Step, settings) LAYOUT_FIELD(Step, layers) LAYOUT_FIELD(Step, scratch)
+    LAYOUT_FIELD(Step, scratch_floats) LAYOUT_FIELD(Step, threads)
+    LAYOUT_END
+}
+
+/* Returns 0, or 1 when its work buffer cannot be allocated (nothing is written then). */
+int laformer_ama_scan(const Scan *a) {
+    const int64_t B = a->batch, Hkv = a->kv_heads, Q = a->queries, R = a->rows, D = a->head_dim, N = a->slices,
+                  L = a->slice_len;
+    float *work = malloc(sizeof(float) * (size_t)(R * N * L > 0 ? R * N * L : 1));
+    if (work == NULL) return 1;
+    for (int64_t unit = 0; unit < B * Hkv; unit++) {
+        const int64_t b = unit / Hkv;
+        const uint8_t *codes = a->key_codes + unit * N * L * (D / 2);
+        const float *scales = a->key_scales + unit * N * L;
+        for (int64_t i = 0; i < Q; i++) {
+            const int slices = a->own[i] < N ? (int)a->own[i] : (int)N;
+            float *out = a->mass + (unit * Q + i) * N;
+            if (slices > 0)
+                scan_mass(a->q + (unit * Q + i) * R * D, (int)R, (int)D, codes, scales, slices * (int)L, (int)L,
+                          a->valid ? a->valid + b * a->valid_stride : NULL, work, out);
+            for (int64_t j = slices > 0 ? slices : 0; j < N; j++) out[j] = 0.0f;
+        }
+    }
+    free(work);
+    return 0;
+}
+
+/* Scratch floats one thread's decode needs for rows of up to `slices` full slices. */
+int64_t laformer_ama_scratch_floats(const Settings *s, int64_t slices) {
+    const int64_t G = s->heads / s->kv_heads, D = s->head_dim, N = slices > 0 ? slices : 1;
+    const int64_t widest = N > s->slice_len ? N : s->slice_len;
+    const int64_t scanned = s->score == SCORE_SCAN ? N * s->slice_len : 0;
+    /* softmax state and block logits, qsum, qabs, pseudo-token biases, masses, scan logits, candidates, choices */
+    return G * (2 + D + widest) + 2 * D + 2 * N + G * scanned + 2 * N + (N + 3) / 4;
+}
+
+/* Slice j of row (b, h): the same numbers as cache.py's summarize (mean key and value over the real tokens, their
+ * count and its log, the key min/max or the 4-bit key copy). valid: row b's validity, or NULL. */
+static void summarise(const Settings *s, const Layer *y, int64_t b, int64_t h, int64_t j, const uint8_t *valid) {
+    const int64_t D = s->head_dim, L = s->slice_len, u = b * s->kv_heads + h, at = (u * y->capacity + j) * D;
+    const float *k = y->keys + b * y->key_batch_stride + h * y->key_head_stride + j * L * D;
+    const float *v = y->values + b * y->value_batch_stride + h * y->value_head_stride + j * L * D;
+    float *kmean = y->kmean + at, *vmean = y->vmean + at, count = 0.0f;
+    for (int64_t d = 0; d < D; d++) kmean[d] = vmean[d] = 0.0f;
+    for (int64_t t = 0; t < L; t++) {
+        if (valid && !valid[j * L + t]) continue;
+        count += 1.0f;
+        for (int64_t d = 0; d < D; d++) kmean[d] += k[t * D + d], vmean[d] += v[t * D + d];
+    }
+    const float divisor = count > 1.0f ? count : 1.0f;
+    for (int64_t d = 0; d < D; d++) kmean[d] /= divisor, vmean[d] /= divisor;
+    y->log_count[b * y->count_batch_stride + h * y->count_head_stride + j] = logf(count);
+    if (s->score == SCORE_BOUND) {
+        float *lo = y->kmin + at, *hi = y->kmax + at;
+        for (int64_t d = 0; d < D; d++) lo[d] = INFINITY, hi[d] = -INFINITY;
+        for (int64_t t = 0; t < L; t++) {
+            if (valid && !valid[j * L + t]) continue;
+            for (int64_t d = 0; d < D; d++) {
+                lo[d] = k[t * D + d] < lo[d] ? k[t * D + d] : lo[d];
+                hi[d] = k[t * D + d] > hi[d] ? k[t * D + d] : hi[d];
+            }
+        }
+        if (count == 0.0f)
+            for (int64_t d = 0; d < D; d++) lo[d] = hi[d] = 0.0f;
+    } else if (s->score == SCORE_SCAN) { /* every token, padding too, as key_copy: scale = max |k| / 7 */
+        for (int64_t t = 0; t < L; t++) {
+            const float *kt = k + t * D;
+            float amax = 0.0f;
+            for (int64_t d = 0; d < D; d++) amax = fabsf(kt[d]) > amax ? fabsf(kt[d]) : amax;
+            const float scale = amax / 7.0f, divide = scale > 1e-30f ? scale : 1e-30f;
+            uint8_t *codes = y->key_codes + ((u * y->capacity + j) * L + t) * (D / 2);
+            for (int64_t i = 0; i < D / 2; i++) {
+                float lo = nearbyintf(kt[2 * i] / divide), hi = nearbyintf(kt[2 * i + 1] / divide);
+                lo = lo < -7.0f ? -7.0f : lo > 7.0f ? 7.0f : lo;
+                hi = hi < -7.0f ? -7.0f : hi > 7.0f ? 7.0f : hi;
+                codes[i] = (uint8_t)((int)lo + 8) | (uint8_t)(((int)hi + 8) << 4);
+            }
+            y->key_scales[(u * y->capacity + j) * L + t] = scale;
+        }
+    }
+}
+
+/* One decode query per row: q (B, H, D), rows q_batch_stride floats apart; valid (B, length) rows valid_stride
+ * apart, or NULL; `length` cached tokens (the new one included) per row; out (B, H, D) contiguous. This call
+ * does the units (b, h) of `thread` out of `threads`; scratch: laformer_ama_scratch_floats(s, capacity) floats. */
+void laformer_ama_decode(const Settings *s, const Layer *layer, const float *q, int64_t q_batch_stride,
+                         const uint8_t *valid, int64_t valid_stride, int64_t length, float *out, float *scratch,
+                         int thread, int threads) {
+    const int G = (int)(s->heads / s->kv_heads), D = (int)s->head_dim, L = (int)s->slice_len;
+    const int Hkv = (int)s->kv_heads, S = (int)length, N = S / L, own = (S - 1) / L, cap = (int)layer->capacity;
+    const int local_start = own - (int)s->local_slices + 1 > 0 ? own - (int)s->local_slices + 1 : 0;
+    const int sink_end = local_start < s->sink_slices ? local_start : (int)s->sink_slices;
+    const int n_pick = (int)s->budget_slices - (S % L != 0); /* the partial last slice pays one slice */
     const float scale = 1.0f / sqrtf((float)D);
-    const int scratch = N > L ? N : L;
-    const int scanned = score == SCORE_SCAN ? (own < N ? own : N) * L : 0; /* tokens of full slices before own */
-    /* one allocation per call, reused by every (batch row, KV head) */
-    float *buffer = malloc(sizeof(float) * ((size_t)G * (2 + D + scratch) + 2 * D + 2 * N + (size_t)G * scanned));
-    Scored *cands = malloc(sizeof(Scored) * (N > 0 ? N : 1));
-    uint8_t *chosen = malloc(N > 0 ? N : 1);
+    const int widest = N > L ? N : L;
+    const int scanned = s->score == SCORE_SCAN ? (own < N ? own : N) * L : 0; /* tokens of full slices before own */
+    const int64_t units = s->batch * Hkv, first = units * thread / threads, last = units * (thread + 1) / threads;
 
-    for (int unit = 0; unit < B * Hkv; unit++) {
-        const int b = unit / Hkv, h = unit % Hkv;
-        const float *qg = q + ((int64_t)b * H + (int64_t)h * G) * D;
-        const float *kh = k + b * k_sb + h * k_sh, *vh = v + b * v_sb + h * v_sh;
-        const int64_t summary = ((int64_t)b * Hkv + h) * N * D;
-        const float *lc = log_count + (int64_t)b * N;
-        const uint8_t *vb = valid ? valid + (int64_t)b * S : NULL;
+    for (int64_t unit = first; unit < last; unit++) {
+        const int b = (int)(unit / Hkv), h = (int)(unit % Hkv);
+        const float *qg = q + b * q_batch_stride + (int64_t)h * G * D;
+        const float *kh = layer->keys + b * layer->key_batch_stride + h * layer->key_head_stride;
+        const float *vh = layer->values + b * layer->value_batch_stride + h * layer->value_head_stride;
+        const int64_t summary = unit * cap * D;
+        const float *lc = layer->log_count + b * layer->count_batch_stride + h * layer->count_head_stride;
+        const uint8_t *vb = valid ? valid + b * valid_stride : NULL;
+        if (layer->summarised) { /* 0. the slices that filled since the last step */
+            for (int64_t j = layer->summarised[unit]; j < N; j++) summarise(s, layer, b, h, j, vb);
+            layer->summarised[unit] = N > layer->summarised[unit] ? N : layer->summarised[unit];
+        }
 
-        memset(chosen, 0, N > 0 ? N : 1);
-        Softmax st = {buffer, buffer + G, buffer + 2 * G, buffer + G * (2 + D)};
-        float *qsum = st.s + (int64_t)G * scratch, *qabs = qsum + D, *pseudo_bias = qabs + D;
+        Softmax st = {scratch, scratch + G, scratch + 2 * G, scratch + G * (2 + D)};
+        float *qsum = st.s + (int64_t)G * widest, *qabs = qsum + D, *pseudo_bias = qabs + D;
         float *mass = pseudo_bias + N, *work = mass + N;
+        Scored *cands = (Scored *)(work + (int64_t)G * scanned);
+        uint8_t *chosen = (uint8_t *)(cands + N);
         for (int g = 0; g < G; g++) st.m[g] = -INFINITY, st.l[g] = 0.0f;
         memset(st.acc, 0, sizeof(float) * G * D);
+        memset(chosen, 0, N);
 
         /* 1. scores of the candidates: full slices between the sinks and the local window, not all padding */
         for (int d = 0; d < D; d++) {
-            float s = 0.0f, a = 0.0f;
-            for (int g = 0; g < G; g++) s += qg[g * D + d], a += fabsf(qg[g * D + d]);
-            qsum[d] = s, qabs[d] = a;
+            float sum = 0.0f, a = 0.0f;
+            for (int g = 0; g < G; g++) sum += qg[g * D + d], a += fabsf(qg[g * D + d]);
+            qsum[d] = sum, qabs[d] = a;
         }
         int n_cand = 0, n_forced = 0;
         for (int j = 0; j < N; j++) {
@@ -353,18 +488,18 @@ void laformer_ama_decode(const float *q, const float *k, const float *v, int64_t
         /* 2. the best candidates fill the budget; scores are needed only when not all of them fit */
         int n_sel = n_pick - n_forced < n_cand ? n_pick - n_forced : n_cand;
         if (n_sel > 0 && n_sel < n_cand) {
-            if (score == SCORE_SCAN)
-                scan_mass(qg, G, D, key_codes + ((int64_t)b * Hkv + h) * N * L * (D / 2),
-                          key_scales + ((int64_t)b * Hkv + h) * N * L, scanned, L, vb, work, mass);
+            if (s->score == SCORE_SCAN)
+                scan_mass(qg, G, D, layer->key_codes + unit * cap * L * (D / 2), layer->key_scales + unit * cap * L,
+                          scanned, L, vb, work, mass);
             for (int i = 0; i < n_cand; i++) {
                 const int j = cands[i].index;
                 float value = 0.0f;
-                if (score == SCORE_SCAN) {
+                if (s->score == SCORE_SCAN) {
                     value = mass[j];
-                } else if (score == SCORE_MEAN) {
-                    value = dot(qsum, kmean + summary + (int64_t)j * D, D);
+                } else if (s->score == SCORE_MEAN) {
+                    value = dot(qsum, layer->kmean + summary + (int64_t)j * D, D);
                 } else {
-                    const float *lo = kmin + summary + (int64_t)j * D, *hi = kmax + summary + (int64_t)j * D;
+                    const float *lo = layer->kmin + summary + (int64_t)j * D, *hi = layer->kmax + summary + (int64_t)j * D;
                     for (int d = 0; d < D; d++)
                         value += qsum[d] * (hi[d] + lo[d]) * 0.5f + qabs[d] * (hi[d] - lo[d]) * 0.5f;
                 }
@@ -384,22 +519,31 @@ void laformer_ama_decode(const float *q, const float *k, const float *v, int64_t
             attend(&st, qg, G, D, scale, kh + at, vh + at, D, S - N * L, vb ? vb + (int64_t)N * L : NULL, NULL);
         }
         /* 4. mediation: one pseudo-token per unselected candidate */
-        if (mediate && n_cand > n_sel) {
+        if (s->mediate && n_cand > n_sel) {
             for (int j = 0; j < N; j++) pseudo_bias[j] = -INFINITY;
             for (int i = n_sel; i < n_cand; i++) pseudo_bias[cands[i].index] = lc[cands[i].index];
-            for (int j0 = 0; j0 < N; j0 += scratch) {
-                int n = N - j0 < scratch ? N - j0 : scratch;
-                attend(&st, qg, G, D, scale, kmean + summary + (int64_t)j0 * D, vmean + summary + (int64_t)j0 * D,
-                       D, n, NULL, pseudo_bias + j0);
+            for (int j0 = 0; j0 < N; j0 += widest) {
+                int n = N - j0 < widest ? N - j0 : widest;
+                attend(&st, qg, G, D, scale, layer->kmean + summary + (int64_t)j0 * D,
+                       layer->vmean + summary + (int64_t)j0 * D, D, n, NULL, pseudo_bias + j0);
             }
         }
         for (int g = 0; g < G; g++) {
-            float *o = out + ((int64_t)b * H + (int64_t)h * G + g) * D;
+            float *o = out + ((int64_t)b * s->heads + (int64_t)h * G + g) * D;
             const float inv = st.l[g] > 0.0f ? 1.0f / st.l[g] : 0.0f;
             for (int d = 0; d < D; d++) o[d] = st.acc[g * D + d] * inv;
         }
     }
-    free(buffer);
-    free(cands);
-    free(chosen);
+}
+
+/* The engine's native step's sparse-attention hook (decode_step.c's SparseAttention): layer `layer` of the
+ * Step `context`, for the units of `thread`; threads beyond the Step's scratch do nothing. */
+void laformer_ama_step_attention(const void *context, int64_t layer, const float *q, int64_t q_stride,
+                                 const uint8_t *valid, int64_t valid_stride, int64_t length, float *out, int thread,
+                                 int threads) {
+    const Step *step = (const Step *)context;
+    const int workers = threads < step->threads ? threads : (int)step->threads;
+    if (thread >= workers) return;
+    laformer_ama_decode(step->settings, &step->layers[layer], q, q_stride, valid, valid_stride, length, out,
+                        step->scratch + thread * step->scratch_floats, thread, workers);
 }

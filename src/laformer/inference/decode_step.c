@@ -29,7 +29,15 @@ typedef struct {
     Linear qkv, o, gate_up, down;
     const float *input_norm, *post_norm;
     float *keys, *values; /* (B, Hkv, S, D) */
+    int64_t sparse;       /* nonzero: the model's sparse attention (AMA) attends for this layer */
 } Layer;
+
+/* Another attention over the cache (AMA, ama/kernel.c's laformer_ama_step_attention): for rows in lockstep, each
+   holding `length` columns (the new one included), q the rotated queries (B rows q_stride floats apart, heads of
+   D), out (B, H, D). Every thread calls it with its number; it splits the work itself. */
+typedef void (*SparseAttention)(const void *context, int64_t layer, const float *q, int64_t q_stride,
+                                const uint8_t *valid, int64_t valid_stride, int64_t length, float *out, int thread,
+                                int threads);
 
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, head_dim, ffn, vocab, batch, cache_len;
@@ -39,6 +47,8 @@ typedef struct {
     const float *final_norm;
     Linear head;
     const Layer *layer;
+    SparseAttention sparse; /* NULL unless a layer is sparse */
+    const void *sparse_context;
 } Model;
 
 /* One call's per-row state: tokens (B,) in; slot, position (B,) advanced by one; valid (B, S) gains each row's new
@@ -54,7 +64,7 @@ typedef struct {
 
 /* Bumped with every change to the meaning of a struct or function here (their layout is checked at load as well);
    ABI_VERSION in inference/native_step.py. */
-int laformer_decode_abi_version(void) { return 3; }
+int laformer_decode_abi_version(void) { return 4; }
 
 int laformer_decode_layout(char *out, int capacity) {
     LAYOUT_BEGIN
@@ -63,12 +73,12 @@ int laformer_decode_layout(char *out, int capacity) {
     LAYOUT_FIELD(Linear, int8_activations)
     LAYOUT_STRUCT(Layer) LAYOUT_FIELD(Layer, qkv) LAYOUT_FIELD(Layer, o) LAYOUT_FIELD(Layer, gate_up)
     LAYOUT_FIELD(Layer, down) LAYOUT_FIELD(Layer, input_norm) LAYOUT_FIELD(Layer, post_norm)
-    LAYOUT_FIELD(Layer, keys) LAYOUT_FIELD(Layer, values)
+    LAYOUT_FIELD(Layer, keys) LAYOUT_FIELD(Layer, values) LAYOUT_FIELD(Layer, sparse)
     LAYOUT_STRUCT(Model) LAYOUT_FIELD(Model, layers) LAYOUT_FIELD(Model, hidden) LAYOUT_FIELD(Model, heads)
     LAYOUT_FIELD(Model, kv_heads) LAYOUT_FIELD(Model, head_dim) LAYOUT_FIELD(Model, ffn) LAYOUT_FIELD(Model, vocab)
     LAYOUT_FIELD(Model, batch) LAYOUT_FIELD(Model, cache_len) LAYOUT_FIELD(Model, eps)
     LAYOUT_FIELD(Model, embedding) LAYOUT_FIELD(Model, inv_freq) LAYOUT_FIELD(Model, final_norm)
-    LAYOUT_FIELD(Model, head) LAYOUT_FIELD(Model, layer)
+    LAYOUT_FIELD(Model, head) LAYOUT_FIELD(Model, layer) LAYOUT_FIELD(Model, sparse) LAYOUT_FIELD(Model, sparse_context)
     LAYOUT_STRUCT(Step) LAYOUT_FIELD(Step, tokens) LAYOUT_FIELD(Step, slot) LAYOUT_FIELD(Step, position)
     LAYOUT_FIELD(Step, valid) LAYOUT_FIELD(Step, logits) LAYOUT_FIELD(Step, scratch) LAYOUT_FIELD(Step, threads)
     LAYOUT_END
@@ -201,8 +211,10 @@ int laformer_decode_step(const Model *m, const Step *step) {
     float *scratch = (float *)(limit + B);
     float *x = scratch, *qkv = x + B * d, *attn = qkv + B * QKV, *act = attn + B * H * D, *y = act + B * m->ffn;
     float *rope = y + B * widest;
+    int64_t lockstep = 0; /* the sparse attention's length: the widest row (a parked row sits at column 0) */
 
     for (int64_t b = 0; b < B; b++) {
+        lockstep = slot[b] + 1 > lockstep ? slot[b] + 1 : lockstep;
         memcpy(x + b * d, m->embedding + tokens[b] * d, sizeof(float) * d);
         for (int64_t i = 0; i < D / 2; i++) {
             const float angle = (float)position[b] * m->inv_freq[i];
@@ -228,12 +240,23 @@ int laformer_decode_step(const Model *m, const Step *step) {
                 rotate(qkv + b * QKV + (H + g) * D, rope + b * D, rope + b * D + D / 2, L->keys + column, D);
                 memcpy(L->values + column, qkv + b * QKV + (H + Hkv + g) * D, sizeof(float) * D);
             }
+            if (L->sparse) { /* queries rotated in place, then the sparse attention over the lockstep rows */
 #pragma omp for schedule(static)
-            for (int64_t u = 0; u < B * H; u++) {
-                const int64_t b = u / H, head = u % H, cache = (b * Hkv + head / group) * S * D;
-                rotate(qkv + b * QKV + head * D, rope + b * D, rope + b * D + D / 2, q, D);
-                attend(q, L->keys + cache, L->values + cache, valid + b * S, limit[b], D, scores,
-                       attn + (b * H + head) * D);
+                for (int64_t u = 0; u < B * H; u++) {
+                    float *qh = qkv + (u / H) * QKV + (u % H) * D;
+                    rotate(qh, rope + (u / H) * D, rope + (u / H) * D + D / 2, qh, D);
+                }
+                m->sparse(m->sparse_context, l, qkv, QKV, valid, S, lockstep, attn, omp_get_thread_num(),
+                          omp_get_num_threads());
+#pragma omp barrier
+            } else {
+#pragma omp for schedule(static)
+                for (int64_t u = 0; u < B * H; u++) {
+                    const int64_t b = u / H, head = u % H, cache = (b * Hkv + head / group) * S * D;
+                    rotate(qkv + b * QKV + head * D, rope + b * D, rope + b * D + D / 2, q, D);
+                    attend(q, L->keys + cache, L->values + cache, valid + b * S, limit[b], D, scores,
+                           attn + (b * H + head) * D);
+                }
             }
             project(&L->o, attn, B, y, x, ADD_TO, own_blocks);
             norm_rows(x, L->post_norm, h, B, d, m->eps);

@@ -9,9 +9,11 @@ activations there by default, as in llama.cpp (``quantization/qgemm.c``; +0.0% d
 weights, +1.1% with 4-bit on SmolLM2), where the PyTorch step keeps float activations;
 ``set_int8_activations(model, False)`` keeps them float here too (exact weight-only products, ~1.8x slower).
 
-``NativeStep.unsupported(model, cache)`` says why a model cannot take this path (adapters, a sparse attention
-backend, bfloat16, a config field the C code does not implement, ...); the engine then runs the PyTorch step. Any
-batch size runs here: the column kernels take the rows in blocks of 8, 4 and 1.
+A sparse attention backend that offers a native hook (AMA: ``native_attention``, ``ama/step.py``) attends for its
+layers inside the same call, over rows kept in lockstep. ``NativeStep.unsupported(model, cache)`` says why a model
+cannot take this path (adapters, another attention backend, bfloat16, a config field the C code does not implement,
+...); the engine then runs the PyTorch step. Any batch size runs here: the column kernels take the rows in blocks of
+8, 4 and 1.
 
 The ctypes structs below mirror ``decode_step.c``'s; the library is refused at load (``ABIMismatchError``) unless
 its ABI version and every struct's size and field offsets match them (``laformer.native.check_abi``).
@@ -37,7 +39,7 @@ from laformer.quantization.kernels import CFLAGS, HEADER
 from laformer.quantization.kernels import SOURCE as QGEMM_SOURCE
 
 SOURCE = Path(__file__).with_name("decode_step.c")
-ABI_VERSION = 3  # laformer_decode_abi_version() in decode_step.c
+ABI_VERSION = 4  # laformer_decode_abi_version() in decode_step.c
 # Rotary types that change only the inverse frequencies, which the step reads from the model's rotary buffer.
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -50,14 +52,15 @@ class _Linear(ctypes.Structure):
 class _Layer(ctypes.Structure):
     _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
-                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p)]
+                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("sparse", ctypes.c_int64)]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in
                 ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "batch", "cache_len")] + [
         ("eps", ctypes.c_float), ("embedding", ctypes.c_void_p), ("inv_freq", ctypes.c_void_p),
-        ("final_norm", ctypes.c_void_p), ("head", _Linear), ("layer", ctypes.POINTER(_Layer))]
+        ("final_norm", ctypes.c_void_p), ("head", _Linear), ("layer", ctypes.POINTER(_Layer)),
+        ("sparse", ctypes.c_void_p), ("sparse_context", ctypes.c_void_p)]
 
 
 class _Step(ctypes.Structure):
@@ -156,6 +159,22 @@ def _describe(module: nn.Module) -> _Linear:
                    module.in_features, 0)
 
 
+def _sparse_problem(backend, model: nn.Module, cache: StaticKVCache, layer: int) -> str | None:
+    """Why ``backend`` (not exact attention) cannot attend inside the native step, or None when its hook can:
+    one backend for every non-exact layer, rows in lockstep (the engine's mode for such backends)."""
+    hook = getattr(backend, "native_attention", None)
+    if hook is None:
+        return f"layer {layer} uses another attention backend ({getattr(backend, '__name__', backend)})"
+    if len({l.self_attn.backend for l in model.decoder.layers} - {sdpa_attention}) > 1:
+        return "the layers use different sparse attention backends"
+    found = hook(model.config, cache)
+    if isinstance(found, str):
+        return found
+    if any(model.decoder.layers[i].self_attn.backend is not backend for i in found.layers):
+        return "the sparse attention backend is set on only some of the layers it would serve"
+    return None
+
+
 class NativeStep:
     """Decodes one token per row of ``cache`` for ``model`` (a fused ``LaFormerForCausalLM``) in one native call.
 
@@ -193,8 +212,8 @@ class NativeStep:
             attn, mlp = layer.self_attn, layer.mlp
             if not all(hasattr(attn, n) for n in ("qkv_proj", "o_proj")) or not hasattr(mlp, "gate_up_proj"):
                 return f"layer {i} has no fused qkv_proj/gate_up_proj (pass the engine's FusedView)"
-            if attn.backend is not sdpa_attention:
-                return f"layer {i} uses another attention backend ({getattr(attn.backend, '__name__', attn.backend)})"
+            if attn.backend is not sdpa_attention and (problem := _sparse_problem(attn.backend, model, cache, i)):
+                return problem
             if problem := _norm_problem((layer.input_layernorm, layer.post_attention_layernorm), config,
                                         f"layer {i}"):
                 return problem
@@ -212,6 +231,12 @@ class NativeStep:
     def __init__(self, model: nn.Module, cache: StaticKVCache) -> None:
         """For a model ``unsupported`` accepts (``create`` checks it)."""
         config, decoder = model.config, model.decoder
+        # A sparse attention backend (AMA) attends for its layers through its hook (``native_attention``).
+        backends = {layer.self_attn.backend for layer in decoder.layers} - {sdpa_attention}
+        self._sparse = backends.pop().native_attention(config, cache) if backends else None
+        sparse_layers = set(self._sparse.layers) if self._sparse is not None else set()
+        if self._sparse is not None:
+            self._sparse.start()
         # Hold every tensor behind the pointers, so replacing a model's weights (model.to(...), a new cache) can
         # never leave the C code reading freed memory; the engine rebuilds this step at each new batch anyway.
         self._held = [*model.parameters(), *model.buffers(), *cache.keys, *cache.values]
@@ -219,8 +244,8 @@ class NativeStep:
             _Layer(_describe(layer.self_attn.qkv_proj), _describe(layer.self_attn.o_proj),
                    _describe(layer.mlp.gate_up_proj), _describe(layer.mlp.down_proj),
                    layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                   keys.data_ptr(), values.data_ptr())
-            for layer, keys, values in zip(decoder.layers, cache.keys, cache.values)
+                   keys.data_ptr(), values.data_ptr(), int(i in sparse_layers))
+            for i, (layer, keys, values) in enumerate(zip(decoder.layers, cache.keys, cache.values))
         ]
         self._layers = (_Layer * len(layers))(*layers)
         self._model = _Model(
@@ -228,6 +253,7 @@ class NativeStep:
             config.intermediate_size, decoder.embed_tokens.num_embeddings, cache.batch_size, cache.max_length,
             config.rms_norm_eps, decoder.embed_tokens.weight.data_ptr(), decoder.rotary_emb.inv_freq.data_ptr(),
             decoder.norm.weight.data_ptr(), _describe(model.lm_head), self._layers,
+            *((self._sparse.function, self._sparse.context) if self._sparse is not None else (None, None)),
         )
         self.vocab_size = model.lm_head.out_features
         self._scratch, self._scratch_threads = torch.empty(0, dtype=torch.uint8), 0
@@ -238,6 +264,8 @@ class NativeStep:
         tokens = tokens.to(torch.int64).contiguous()
         logits = torch.empty(tokens.shape[0], self.vocab_size)
         threads, library = torch.get_num_threads(), _library()
+        if self._sparse is not None:
+            self._sparse.prepare(threads)
         if threads != self._scratch_threads:  # once, or when the thread count changes
             self._scratch = torch.empty(library.laformer_decode_scratch_bytes(ctypes.byref(self._model), threads),
                                         dtype=torch.uint8)
