@@ -457,14 +457,15 @@ def test_default_model_int4_takes_gguf_blocks_exactly(default_model, default_ggu
 
 
 @pytest.mark.parametrize("mode, qtype_name", [("int8", "Q8_0"), ("int4", "Q4_1"), ("int4", "Q4_0")])
-def test_from_pretrained_gguf_takes_blocks_over(tmp_path, mode, qtype_name):
+def test_from_pretrained_gguf_takes_blocks_over(tmp_path, write_gguf, mode, qtype_name):
     """End to end on a tiny llama.cpp-style file: quantized layers equal the dequantized GGUF weights exactly."""
-    gguf = pytest.importorskip("gguf")
-    from test_gguf import llama_cpp_tensors, write_gguf  # the GGUF tests' llama.cpp-style writer
+    import gguf
+
+    from tests.formats.test_gguf import llama_cpp_tensors, llama_metadata  # the GGUF tests' llama.cpp layout
 
     source = LaFormerForCausalLM.from_config(tiny_config(vocab_size=96, pad_token_id=0), seed=7).eval()
     qtype = gguf.GGMLQuantizationType[qtype_name]
-    path = write_gguf(tmp_path / "tiny.gguf", source.config, llama_cpp_tensors(source), qtype)
+    path = write_gguf(tmp_path / "tiny.gguf", llama_metadata(source.config), llama_cpp_tensors(source), qtype)
     reference = LaFormerForCausalLM.from_pretrained(path)
     quantized = LaFormerForCausalLM.from_pretrained(path, quantize=mode)
     for name, module in quantized.named_modules():
