@@ -21,15 +21,22 @@ from laformer.errors import ConfigError, LaFormerError
 def read_json(path: Path, error: type[LaFormerError], expect: type = dict) -> Any:
     """The JSON document in ``path`` (of type ``expect``), or ``error`` naming the file and what is wrong."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc, error) from exc
+    return parse_json(text, str(path), error, "fix or re-create it", expect)
+
+
+def parse_json(text: str, where: str, error: type[LaFormerError], fix: str, expect: type = dict) -> Any:
+    """``text`` parsed as JSON of type ``expect``, or ``error`` naming ``where`` it came from and the ``fix``."""
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise error(f"{path} is not valid JSON ({exc}); fix or re-create it") from exc
+        raise error(f"{where}: not valid JSON ({exc.msg}); {fix}") from exc
     except RecursionError as exc:
-        raise error(f"{path} nests JSON too deeply to read; it is corrupt") from exc
+        raise error(f"{where}: JSON nested too deeply to read; {fix}") from exc
     if not isinstance(data, expect):
-        raise error(f"{path} holds a JSON {type(data).__name__}, expected a {expect.__name__}; it is corrupt")
+        raise error(f"{where}: expected a JSON {expect.__name__}, got {type(data).__name__}; {fix}")
     return data
 
 

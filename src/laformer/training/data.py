@@ -7,7 +7,6 @@ uninterrupted run would, and every distributed rank agrees on the global batches
 from __future__ import annotations
 
 import csv
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from laformer.errors import TrainingError
-from laformer.validation import not_utf8
+from laformer.validation import not_utf8, parse_json
 
 IGNORE_INDEX = -100
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -48,15 +47,7 @@ def _read_jsonl(lines: Iterable[str], path: Path) -> list[dict[str, Any]]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TrainingError(f"{path}, line {lineno}: not valid JSON ({exc.msg}); fix or remove that line") from exc
-        except RecursionError as exc:
-            raise TrainingError(f"{path}, line {lineno}: JSON nested too deeply to read; fix or remove that line") from exc
-        if not isinstance(record, dict):
-            raise TrainingError(f"{path}, line {lineno}: expected a JSON object per line, got {type(record).__name__}")
-        records.append(record)
+        records.append(parse_json(line, f"{path}, line {lineno}", TrainingError, "fix or remove that line"))
     return records
 
 
