@@ -245,22 +245,20 @@ class Scheduler:
             logits = self.engine.prefill_row(row, prompt)
         job.cached_tokens = self.engine.prefix_reused
         self.cached_tokens += job.cached_tokens
-        self._slot[row] = len(job.prompt)
         self._fed[row] = list(job.prompt)
         self._advance(row, job, logits[0], int(logits[0].argmax()))
 
     def _step(self) -> None:
-        for row, slot in enumerate(self._slot):  # an idle row about to run past the cache lets its keys go
-            if row in self._idle and slot >= self.max_length:
+        for row, fed in enumerate(self._fed):  # an idle row about to run past the cache lets its keys go
+            if row in self._idle and len(fed) >= self.max_length:
                 del self._idle[row]
                 self._release(row)
-        fed = self._tokens.tolist()
+        tokens = self._tokens.tolist()
         logits = self.engine.decode(self._tokens)
         self.steps += 1
         for row in range(self.batch):
             if row not in self._released:
-                self._slot[row] += 1
-                self._fed[row].append(fed[row])
+                self._fed[row].append(tokens[row])
         greedy = logits.argmax(-1).tolist()
         for row, job in enumerate(self._rows):
             if job is not None:
@@ -283,7 +281,6 @@ class Scheduler:
     def _release(self, row: int) -> None:
         self.engine.release_row(row)
         self._released.add(row)
-        self._slot[row] = 0
         self._tokens[row] = 0
         self._fed[row] = []
 
@@ -313,14 +310,14 @@ class Scheduler:
         self.engine.reset(rows, self.max_length)
         self.batch, self.resizes = rows, self.resizes + 1
         self._rows: list[Job | None] = [None] * rows
-        self._slot = [0] * rows  # the column each row writes next
-        self._fed: list[list[int]] = [[] for _ in range(rows)]  # the tokens whose keys each row holds
+        self._fed: list[list[int]] = [[] for _ in range(rows)]  # the tokens whose keys each row holds, so also
+        # the column it writes next
         self._idle: dict[int, int] = {}  # finished rows still holding their keys -> when they finished
         self._released = set(range(rows))  # rows parked at column 0, holding nothing
         self._tokens = torch.zeros(rows, dtype=torch.long)  # what each row is fed at the next step
         for row, (job, fed, token) in enumerate(survivors):  # all placed first: a failure below reaches them all
             self._released.discard(row)
-            self._rows[row], self._slot[row], self._fed[row], self._tokens[row] = job, len(fed), fed, token
+            self._rows[row], self._fed[row], self._tokens[row] = job, fed, token
         for row, (_, fed, _) in enumerate(survivors):
             self.engine.prefill_row(row, torch.tensor(fed))
 
