@@ -27,7 +27,7 @@ def byte_level_tokenizer():
 def build_seeds(root: Path) -> dict[str, Path]:
     """Write every seed under ``root``; returns name -> path."""
     sys.path.insert(0, str(_TESTS))
-    from _training_helpers import tiny_config
+    from tiny import tiny_config
 
     from laformer import LaFormerForCausalLM
     from laformer.peft import LoraConfig, get_peft_model, save_adapter

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import pytest
 import torch
 from torch import nn
-from _training_helpers import train_steps
+from tiny import train_steps
 
 from laformer import (
     CheckpointError,

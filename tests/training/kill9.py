@@ -25,7 +25,7 @@ _TESTS = Path(__file__).resolve().parents[1]
 
 def train(out_dir: Path, resume: bool) -> None:
     sys.path.insert(0, str(_TESTS))
-    from _training_helpers import sentiment_examples, tiny_classifier, tiny_tokenizer
+    from tiny import sentiment_examples, tiny_classifier, tiny_tokenizer
     from safetensors.torch import save_file
 
     from laformer.training import ClassificationDataset, Trainer, TrainingArguments, build_label_map

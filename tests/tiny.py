@@ -1,7 +1,9 @@
-"""Tiny configs, models, tokenizer and sentiment-like data shared by the tests (seconds, not minutes).
+"""The tiny things every test builds on (seconds, not minutes): configs and models, a word-level tokenizer,
+sentiment-like data, a saved base folder, and a model's weights and metadata in llama.cpp's GGUF layout.
 
-Plain functions, so the torchrun and kill -9 worker processes can build the same models; test functions get them
-as the ``tiny_config`` / ``tiny_model`` fixtures of conftest.py.
+Plain functions, so the torchrun and kill -9 worker processes can build the same models; test functions get the
+config and model factories as the ``tiny_config`` / ``tiny_model`` fixtures of conftest.py, whose ``write_gguf``
+writes ``llama_metadata`` and ``llama_cpp_tensors`` to a file.
 """
 
 from __future__ import annotations
@@ -41,6 +43,43 @@ def tiny_config(**overrides) -> LaFormerConfig:
 def tiny_model(seed: int = 0, model_class: type = LaFormerForCausalLM, **overrides):
     """A random ``model_class`` (causal LM unless told) of ``tiny_config(**overrides)``, in eval mode."""
     return model_class.from_config(tiny_config(**overrides), seed=seed).eval()
+
+
+def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf.py ``permute``: Hugging Face rotary halves -> interleaved pairs."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_tensors(model: LaFormerForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's weights under llama.cpp names, q/k permuted as the converter does."""
+    config, state = model.config, model.state_dict()
+    tensors = {"token_embd.weight": state["model.embed_tokens.weight"],
+               "output_norm.weight": state["model.norm.weight"]}
+    if not config.tie_word_embeddings:
+        tensors["output.weight"] = state["lm_head.weight"]
+    parts = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i in range(config.num_hidden_layers):
+        for gguf_part, hf_part in parts.items():
+            w = state[f"model.layers.{i}.{hf_part}.weight"]
+            if gguf_part == "attn_q":
+                w = permute(w, config.num_attention_heads)
+            elif gguf_part == "attn_k":
+                w = permute(w, config.num_key_value_heads)
+            tensors[f"blk.{i}.{gguf_part}.weight"] = w
+    return tensors
+
+
+def llama_metadata(config: LaFormerConfig, **extra) -> dict:
+    """The ``llama.*`` and tokenizer keys convert_hf_to_gguf.py writes for ``config`` (``write_gguf``'s metadata)."""
+    return dict(context_length=config.max_position_embeddings, embedding_length=config.hidden_size,
+                block_count=config.num_hidden_layers, feed_forward_length=config.intermediate_size,
+                head_count=config.num_attention_heads, head_count_kv=config.num_key_value_heads,
+                layer_norm_rms_eps=config.rms_norm_eps, rope_freq_base=config.rope_theta,
+                rope_dimension_count=config.head_dim, tokenizer_model="gpt2",
+                token_list=[f"t{i}" for i in range(config.vocab_size)], bos_token_id=config.bos_token_id,
+                eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, **extra)
 
 
 def train_steps(model, tokens, steps: int = 3, lr: float = 1e-2):
