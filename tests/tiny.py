@@ -13,9 +13,10 @@ import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from laformer import LaFormerConfig, LaFormerForCausalLM, LaFormerForSequenceClassification
+from laformer.tokenizer import LaFormerTokenizer
 
 POSITIVE = ["good", "great", "fine", "lovely"]
 NEGATIVE = ["bad", "awful", "poor", "dull"]
@@ -28,6 +29,17 @@ def tiny_tokenizer() -> Tokenizer:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return tokenizer
+
+
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer (what GGUF export needs) over lowercase letters and a space, with <s>, </s>, <pad>."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2, "Ġ": 3, **{c: i + 4 for i, c in enumerate(letters)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<s>", "</s>", "<pad>"])
+    return LaFormerTokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=False)
 
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -125,8 +137,6 @@ def write_sentiment_jsonl(path: Path, n: int, seed: int = 0) -> Path:
 
 def save_tiny_base(folder: Path) -> Path:
     """A tiny causal LM saved as a Hugging Face folder with its tokenizer: what ``--model`` points at."""
-    from laformer.tokenizer import LaFormerTokenizer
-
     tiny_causal_lm().save_pretrained(folder)
     LaFormerTokenizer(tiny_tokenizer(), unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
     return folder

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from laformer.quantization import WeightOnlyInt4Linear, WeightOnlyInt8Linear, kernels, set_int8_activations
+from laformer import native
+from laformer.quantization import (
+    WeightOnlyInt4Linear,
+    WeightOnlyInt8Linear,
+    kernels,
+    quantize_model,
+    set_int8_activations,
+)
 from laformer.quantization.linear import PEAKED_ROWS
 
-from .helpers import random_linear, relative_error, require_kernel
+from .helpers import QUANTIZABLE, random_linear, relative_error, require_kernel
+
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def per_channel_weights(layer) -> torch.Tensor:
@@ -143,3 +157,36 @@ def test_int8_activation_kernels(bits, group_size, rows):
     torch.testing.assert_close(y, int8_activation_reference(layer, x), rtol=1e-4, atol=1e-5)
     assert relative_error(y, F.linear(x, layer.dequantize())) < 0.015  # the rounding's cost: ~0.5%
 
+
+
+FALLBACK_RUN = """
+import json, sys, warnings
+import torch
+sys.path.append(sys.argv[1])
+from tiny import tiny_model
+from laformer.quantization import kernels, quantize_model
+QUANTIZABLE = json.loads(sys.argv[3])
+warnings.simplefilter("always")
+model = quantize_model(tiny_model(seed=4, **QUANTIZABLE), "int4", 32)
+with torch.no_grad():
+    logits = model(torch.arange(6)[None] * 7 % 128).logits
+assert not kernels.available() and kernels.backend() is None, "no kernel may load here"
+torch.save(logits, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("overrides", [{"CC": "false", "CXX": "false"}, {"LAFORMER_NO_KERNELS": "1"}],
+                         ids=["cc-false", "no-kernels"])
+def test_without_kernels_a_quantized_model_runs_on_the_fallback(tmp_path, tiny_model, overrides):
+    """No working compiler, or kernels turned off, in a fresh process with an empty kernel cache: a quantized model
+    still runs (dequantize-then-matmul), with the logits of this process's path, and warns only when a build failed."""
+    env = {**os.environ, "LAFORMER_CACHE": str(tmp_path / "cache"), **overrides}
+    command = [sys.executable, "-c", FALLBACK_RUN, str(TESTS), str(tmp_path / "logits.pt"), json.dumps(QUANTIZABLE)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    build_tried = "CC" in overrides and native.has_avx2() and not native.kernels_disabled()
+    assert ("unavailable" in done.stderr) == build_tried, done.stderr[-3000:]
+    model = quantize_model(tiny_model(seed=4, **QUANTIZABLE), "int4", 32)
+    with torch.no_grad():
+        expected = model(torch.arange(6)[None] * 7 % 128).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
