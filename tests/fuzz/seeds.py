@@ -11,7 +11,8 @@ _TESTS = Path(__file__).resolve().parents[1]
 
 def build_seeds(root: Path) -> dict[str, Path]:
     """Write every seed under ``root``; returns name -> path."""
-    sys.path.insert(0, str(_TESTS))
+    if str(_TESTS) not in sys.path:  # at the end: at the front, tests/peft would hide Hugging Face's peft
+        sys.path.append(str(_TESTS))
     from tiny import byte_level_tokenizer, tiny_config
 
     from laformer import LaFormerForCausalLM
