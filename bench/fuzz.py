@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # last: tests/peft must not hide peft
 from fuzz.harness import run_cases  # noqa: E402  (the harness the CI sample uses too)
 from fuzz.seeds import build_seeds  # noqa: E402
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # last: tests/peft must not hide peft
 from training import kill9  # noqa: E402  (the trial driver the CI test uses too)
 
 

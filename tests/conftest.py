@@ -17,11 +17,11 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # tests/ is a package (tests/peft/ would otherwise shadow Hugging Face's ``peft``); its folder goes at the END of
-# sys.path so ``from _training_helpers import ...`` works without hiding any installed package.
+# sys.path so ``from tiny import ...`` works without hiding any installed package.
 TESTS = str(Path(__file__).resolve().parent)
 if TESTS not in sys.path:
     sys.path.append(TESTS)
-import _training_helpers  # noqa: E402  (found through the entry above)
+import tiny  # noqa: E402  (found through the entry above)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -78,14 +78,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    """``tiny_config(**overrides)``: a two-layer grouped-query LaFormerConfig (see _training_helpers.TINY)."""
-    return _training_helpers.tiny_config
+    """``tiny_config(**overrides)``: a two-layer grouped-query LaFormerConfig (see tiny.TINY)."""
+    return tiny.tiny_config
 
 
 @pytest.fixture(scope="session")
 def tiny_model():
     """``tiny_model(seed=0, model_class=LaFormerForCausalLM, **config_overrides)``: a random tiny model, eval mode."""
-    return _training_helpers.tiny_model
+    return tiny.tiny_model
 
 
 def write_gguf_file(

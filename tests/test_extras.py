@@ -22,7 +22,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from _training_helpers import save_tiny_base, write_sentiment_jsonl  # noqa: E402
+from tiny import save_tiny_base, write_sentiment_jsonl  # noqa: E402
 
 TRAIN_EXTRA = ("sklearn", "matplotlib", "tensorboard")
 SERVE_EXTRA = ("fastapi", "uvicorn", "sse_starlette")

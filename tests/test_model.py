@@ -16,6 +16,8 @@ from laformer import (
     LaFormerModel,
 )
 
+import tiny
+
 LLAMA3_SCALING = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -47,7 +49,7 @@ def transformers():
 
 def ours(name: str, model_class: type = LaFormerForCausalLM, folder=None):
     """A random laformer model of ``CONFIGS[name]`` (saved to ``folder`` when given)."""
-    model = model_class.from_config(LaFormerConfig(max_position_embeddings=128, **CONFIGS[name]), seed=0).eval()
+    model = tiny.tiny_model(seed=0, model_class=model_class, max_position_embeddings=128, **CONFIGS[name])
     if folder is not None:
         model.save_pretrained(folder)
     return model

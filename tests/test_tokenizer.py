@@ -10,6 +10,7 @@ import torch
 
 from laformer.errors import TokenizerError
 from laformer.tokenizer import BatchEncoding, LaFormerTokenizer, _byte_alphabet
+from tiny import byte_level_tokenizer
 
 SAMPLE = [
     "Hello, world!",
@@ -139,7 +140,7 @@ def test_chat_template_matches_transformers(default_tokenizer, hf_gguf_reference
 def test_chat_template_features():
     """transformers' rendering environment: trim/lstrip blocks, tojson without HTML escaping, loop controls,
     strftime_now, raise_exception, special tokens and extra keyword arguments."""
-    tok = _tiny_byte_level()
+    tok = byte_level_tokenizer()
     template = ("{% for m in messages %}\n  {% if m['role'] == 'bad' %}{{ raise_exception('no bad role') }}"
                 "{% endif %}{{ m | tojson }}{% break %}\n{% endfor %}{{ eos_token }}{{ extra }}"
                 "{{ strftime_now('%Y') | length }}")
@@ -192,7 +193,7 @@ def test_max_length_padding_and_truncation(default_tokenizer):
 
 def test_truncation_defaults_to_model_max_length(spm):
     assert len(spm("hello " * 100, truncation=True).input_ids) == spm.model_max_length == 64
-    unbounded = _tiny_byte_level()  # no model_max_length: truncation=True without max_length keeps everything
+    unbounded = byte_level_tokenizer()  # no model_max_length: truncation=True without max_length keeps everything
     assert unbounded("abcabc", truncation=True).input_ids == unbounded.encode("abcabc")
 
 
@@ -343,17 +344,6 @@ def test_unknown_pre_tokenizer_warns(tmp_path, write_gguf):
 # ---- errors
 
 
-def _tiny_byte_level() -> LaFormerTokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate("abcdefghij")}}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<s>", "</s>"])
-    return LaFormerTokenizer(backend, bos_token="<s>", eos_token="</s>", add_bos_token=False)
-
-
 def test_loading_errors(tmp_path, write_gguf):
     with pytest.raises(TokenizerError, match="neither an existing path"):
         LaFormerTokenizer.from_pretrained(tmp_path / "missing")
@@ -375,7 +365,7 @@ def test_loading_errors(tmp_path, write_gguf):
 
 
 def test_argument_errors():
-    tok = _tiny_byte_level()
+    tok = byte_level_tokenizer()
     cases = [
         (dict(text=["abc", "a"], return_tensors="pt"), "different lengths"),
         (dict(text="abc", padding="max_length"), "needs max_length"),
@@ -398,7 +388,7 @@ def test_argument_errors():
     with pytest.raises(TokenizerError, match="outside the vocabulary"):
         tok.stream_decoder().step(99)
     with pytest.raises(TokenizerError, match="not in the vocabulary"):
-        tok.pad_token = "<pad>"
+        tok.pad_token = "<unk>"  # a token the vocabulary lacks
     with pytest.raises(TokenizerError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(TokenizerError, match="list of dicts"):
@@ -413,7 +403,7 @@ def test_truncation_too_short_for_special_tokens(spm):
 
 
 def test_padding_without_pad_token():
-    tok = _tiny_byte_level()
+    tok = byte_level_tokenizer()
     tok.pad_token = None
     tok._special["eos_token"] = None
     with pytest.raises(TokenizerError, match="needs a pad token"):

@@ -24,6 +24,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from laformer.errors import CheckpointError, TokenizerError
 from laformer.formats.gguf import read_gguf_metadata
+from laformer.formats.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
 from laformer.formats.registry import resolve
 from laformer.validation import read_json
 
@@ -35,10 +36,6 @@ _GPT2_PRE = ("gpt2", "default", "mpt", "olmo", "jais")
 _DIGITS_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")  # \p{N} split first
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "falcon3", "dbrx", "smaug-bpe", "pixtral", "falcon-h1", "lfm2")
 _QWEN2_PRE = ("qwen2", "deepseek-r1-qwen", "megrez")
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -46,7 +43,7 @@ def _byte_level_pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
     gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre in _DIGITS_PRE:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
-    split = {**dict.fromkeys(_LLAMA3_PRE, _LLAMA3_SPLIT), **dict.fromkeys(_QWEN2_PRE, _QWEN2_SPLIT)}.get(pre)
+    split = {**dict.fromkeys(_LLAMA3_PRE, LLAMA3_SPLIT), **dict.fromkeys(_QWEN2_PRE, QWEN2_SPLIT)}.get(pre)
     if split is not None:
         return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _training_helpers import tiny_config
+from tiny import tiny_config
 
 from laformer import LaFormerConfig
 from laformer.ama import AMAConfig, kernel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _training_helpers import save_tiny_base, write_jsonl, write_sentiment_jsonl
+from tiny import save_tiny_base, write_jsonl, write_sentiment_jsonl
 
 from laformer.cli import main
 from laformer.errors import LaFormerError

@@ -23,6 +23,7 @@ from laformer.formats.gguf import (
     read_gguf_tensors,
 )
 from laformer.rope import rope_inverse_frequencies
+from tiny import llama_cpp_tensors, llama_metadata
 
 QUANTIZABLE = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
 K_QUANTS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}  # byte offsets of each block's float16 scales
@@ -77,46 +78,9 @@ def test_dequantize_in_chunks_and_to_bfloat16(monkeypatch):
 # --------------------------------------------------------------------------------------------- tiny GGUF files
 
 
-def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """llama.cpp's convert_hf_to_gguf.py ``permute``: Hugging Face rotary halves -> interleaved pairs."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 # vocab, widths and metadata as in a small llama.cpp conversion (hidden 64: two Q8_0/Q4_1 blocks per row)
 GGUF_TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, rms_norm_eps=1e-5, rope_theta=10000.0,
                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
-def llama_cpp_tensors(model: LaFormerForCausalLM) -> dict[str, torch.Tensor]:
-    """The model's weights under llama.cpp names, q/k permuted as the converter does."""
-    config, state = model.config, model.state_dict()
-    tensors = {"token_embd.weight": state["model.embed_tokens.weight"],
-               "output_norm.weight": state["model.norm.weight"]}
-    if not config.tie_word_embeddings:
-        tensors["output.weight"] = state["lm_head.weight"]
-    parts = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    for i in range(config.num_hidden_layers):
-        for gguf_part, hf_part in parts.items():
-            w = state[f"model.layers.{i}.{hf_part}.weight"]
-            if gguf_part == "attn_q":
-                w = permute(w, config.num_attention_heads)
-            elif gguf_part == "attn_k":
-                w = permute(w, config.num_key_value_heads)
-            tensors[f"blk.{i}.{gguf_part}.weight"] = w
-    return tensors
-
-
-def llama_metadata(config: LaFormerConfig, **extra) -> dict:
-    """The ``llama.*`` and tokenizer keys convert_hf_to_gguf.py writes for ``config`` (``write_gguf``'s metadata)."""
-    return dict(context_length=config.max_position_embeddings, embedding_length=config.hidden_size,
-                block_count=config.num_hidden_layers, feed_forward_length=config.intermediate_size,
-                head_count=config.num_attention_heads, head_count_kv=config.num_key_value_heads,
-                layer_norm_rms_eps=config.rms_norm_eps, rope_freq_base=config.rope_theta,
-                rope_dimension_count=config.head_dim, tokenizer_model="gpt2",
-                token_list=[f"t{i}" for i in range(config.vocab_size)], bos_token_id=config.bos_token_id,
-                eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -9,25 +9,11 @@ from pathlib import Path
 _TESTS = Path(__file__).resolve().parents[1]
 
 
-def byte_level_tokenizer():
-    """A byte-level BPE tokenizer (GGUF export needs BPE) over lowercase letters and a space."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    from laformer.tokenizer import LaFormerTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2, "Ġ": 3, **{c: i + 4 for i, c in enumerate(letters)}}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(["<s>", "</s>", "<pad>"])
-    return LaFormerTokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", add_bos_token=False)
-
-
 def build_seeds(root: Path) -> dict[str, Path]:
     """Write every seed under ``root``; returns name -> path."""
-    sys.path.insert(0, str(_TESTS))
-    from _training_helpers import tiny_config
+    if str(_TESTS) not in sys.path:  # at the end: at the front, tests/peft would hide Hugging Face's peft
+        sys.path.append(str(_TESTS))
+    from tiny import byte_level_tokenizer, tiny_config
 
     from laformer import LaFormerForCausalLM
     from laformer.peft import LoraConfig, get_peft_model, save_adapter

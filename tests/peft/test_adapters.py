@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _training_helpers import train_steps
+from tiny import train_steps
 
 from laformer import CheckpointError, ConfigError
 from laformer.peft import (

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import pytest
 import torch
 from torch import nn
-from _training_helpers import train_steps
+from tiny import train_steps
 
 from laformer import (
     CheckpointError,
@@ -123,15 +123,15 @@ def test_bias_modes_train_existing_biases():
     assert trainable("all") == lora | {"q_proj.base_layer.bias", "out.bias"}
 
 
-def test_classifier_head_is_trained_and_saved(tmp_path, tiny_config):
-    config = tiny_config(id2label={0: "neg", 1: "pos", 2: "neutral"})
-    model = get_peft_model(LaFormerForSequenceClassification.from_config(config, seed=0), LoraConfig(r=2))
+def test_classifier_head_is_trained_and_saved(tmp_path, tiny_model):
+    labels = {0: "neg", 1: "pos", 2: "neutral"}
+    model = get_peft_model(tiny_model(model_class=LaFormerForSequenceClassification, id2label=labels), LoraConfig(r=2))
     assert model.score.weight.requires_grad
     with torch.no_grad():
         model.score.weight.mul_(3.0)
     randomize_lora(model)
     save_adapter(model, tmp_path)
-    fresh = load_adapter(LaFormerForSequenceClassification.from_config(config, seed=0), tmp_path)
+    fresh = load_adapter(tiny_model(model_class=LaFormerForSequenceClassification, id2label=labels), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(TOKENS).logits, model.eval()(TOKENS).logits, atol=1e-6, rtol=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
-from _training_helpers import save_tiny_base, write_sentiment_jsonl
+from tiny import save_tiny_base, write_sentiment_jsonl
 
 TEXTS = ["the cat sat on the mat", "a completely different sentence about finance", "hi"]
 

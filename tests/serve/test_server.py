@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 import torch
-from _training_helpers import save_tiny_base, tiny_causal_lm
+from tiny import save_tiny_base, tiny_causal_lm
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ _TESTS = Path(__file__).resolve().parents[1]
 
 
 def train(out_dir: Path, resume: bool) -> None:
-    sys.path.insert(0, str(_TESTS))
-    from _training_helpers import sentiment_examples, tiny_classifier, tiny_tokenizer
+    if str(_TESTS) not in sys.path:  # at the end: at the front, tests/peft would hide Hugging Face's peft
+        sys.path.append(str(_TESTS))
+    from tiny import sentiment_examples, tiny_classifier, tiny_tokenizer
     from safetensors.torch import save_file
 
     from laformer.training import ClassificationDataset, Trainer, TrainingArguments, build_label_map

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from _training_helpers import sentiment_examples, tiny_tokenizer, write_jsonl
+from tiny import sentiment_examples, tiny_tokenizer, write_jsonl
 
 from laformer.errors import LaFormerError, TrainingError
 from laformer.training import EDA, ClassificationDataset, InstructionDataset, PaddingCollator, build_label_map

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from _training_helpers import run_two_processes, sentiment_examples, tiny_classifier, tiny_tokenizer
+from tiny import run_two_processes, sentiment_examples, tiny_classifier, tiny_tokenizer
 
 from laformer.errors import TrainingError
 from laformer.peft import LoraConfig, get_peft_model

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _training_helpers import save_tiny_base, sentiment_examples, tiny_classifier, tiny_tokenizer, write_sentiment_jsonl
+from tiny import save_tiny_base, sentiment_examples, tiny_classifier, tiny_tokenizer, write_sentiment_jsonl
 
 from laformer.cli import main
 from laformer.errors import TrainingError

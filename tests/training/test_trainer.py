@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _training_helpers import sentiment_examples, tiny_causal_lm, tiny_classifier, tiny_tokenizer
+from tiny import sentiment_examples, tiny_causal_lm, tiny_classifier, tiny_tokenizer
 
 from laformer.errors import TrainingError
 from laformer.peft import AdaLoraConfig, LoraConfig, get_peft_model, peft_training_hooks

@@ -29,6 +29,7 @@ from laformer.formats.gguf import read_gguf_tensors
 from laformer.formats.gguf_vocab import tokenizer_metadata
 from laformer.model import LaFormerForSequenceClassification
 from laformer.rope import rope_inverse_frequencies
+from laformer.tokenizer import LaFormerTokenizer
 
 T = GGMLQuantizationType
 EXPORT_TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1}
@@ -118,8 +119,6 @@ def _check_exportable(model: torch.nn.Module) -> None:
 
 
 def _checkpoint_tokenizer(model: torch.nn.Module) -> Any:
-    from laformer.tokenizer import LaFormerTokenizer
-
     source = getattr(model, "tokenizer", None)
     if source is not None:
         return source

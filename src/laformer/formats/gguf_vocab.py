@@ -14,6 +14,13 @@ from typing import Any
 
 from laformer.errors import TokenizerError
 
+# The split regexes of llama.cpp's `llama-bpe` and `qwen2` pre-tokenizers (llama-vocab.cpp): laformer.tokenizer builds
+# them from `tokenizer.ggml.pre`, and ``_pre_tokenizer_name`` names them back.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 # llama.cpp token types (llama-vocab.h)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -85,8 +92,6 @@ def _tokens_and_types(
 
 def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
     """llama.cpp's ``tokenizer.ggml.pre`` for the pre-tokenizers ``laformer.tokenizer`` builds (and HF's own)."""
-    from laformer.tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT
-
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"]:
@@ -95,7 +100,7 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
         return "smollm"
     if kinds[:1] == ["Split"]:
         pattern = steps[0].get("pattern", {}).get("Regex")
-        names = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+        names = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
         if pattern in names:
             return names[pattern]
     raise TokenizerError(f"the tokenizer's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) has no llama.cpp "

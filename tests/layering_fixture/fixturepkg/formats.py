@@ -1,3 +1,0 @@
-"""A middle layer that imports only downward."""
-
-import fixturepkg.model  # noqa: F401
