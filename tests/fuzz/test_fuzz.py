@@ -47,6 +47,41 @@ def test_findings_are_reported_with_their_exception_and_place(seeds, tmp_path, m
     assert not (tmp_path / "work" / "cases" / "case-000001").exists()  # each case's folder is removed after it
 
 
+def _huge_chat(folder, seeds):
+    path = folder / "chat.jsonl"
+    path.write_text(seeds["chat"].read_text() + json.dumps({"prompt": "a " * 1_000_000, "response": "y"}) + "\n")
+    return "instruction", path
+
+
+def _huge_text(folder, seeds):
+    path = folder / "train.jsonl"
+    path.write_text(seeds["jsonl"].read_text() + json.dumps({"text": "a " * 1_000_000, "label": "good"}) + "\n")
+    return "classification", path
+
+
+def _classifier_claiming_a_huge_hidden_size(folder, seeds):
+    path = shutil.copytree(seeds["hf"], folder / "model")
+    _edit_json(path / "config.json", hidden_size=2**31 - 1, head_dim=8)
+    return "classifier", path
+
+
+@pytest.mark.parametrize("make, outcome", [
+    (_huge_chat, "loads"),  # once a crash (the tokenizer over the 1 GiB limit) or a hang
+    (_huge_text, "loads"),
+    (_classifier_claiming_a_huge_hidden_size, "LaFormerError"),  # once a (2, 2**31 - 1) head allocated first
+], ids=["huge-chat-message", "huge-text", "classifier-huge-hidden"])
+def test_findings_that_once_blew_the_memory_limit(seeds, tmp_path, monkeypatch, make, outcome):
+    def make_case(index, campaign_seed, seeds, folder):
+        folder.mkdir(parents=True)
+        target, path = make(folder, seeds)
+        return fuzz.harness.Case(index, "data", make.__name__, target, str(path))
+
+    monkeypatch.setattr(fuzz.harness, "make_case", make_case)
+    # 256 MB: a fresh worker has more headroom than one deep in a campaign; uncut, a 2M-character text takes ~700 MB
+    ((_, result),) = run_cases([0], 17, seeds, tmp_path / "work", workers=1, timeout=120, memory_mb=256).results
+    assert result["outcome"] == outcome, result
+
+
 # ---- regressions: each input below once escaped as something other than a LaFormerError ----------------------------
 
 
