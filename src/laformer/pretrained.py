@@ -57,6 +57,7 @@ class PreTrainedMixin:
         dtype = resolve_dtype(dtype)
         checkpoint = load_checkpoint(name_or_path, dtype)
         config = apply_overrides(checkpoint.config, config_overrides)
+        check_layer_count(checkpoint.state_dict, config, checkpoint.path)
         with torch.device("meta"), skip_init():
             model = cls(config)
         state = cls._adapt_state_dict(checkpoint.state_dict, config)
@@ -193,6 +194,17 @@ def skip_init() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
+
+
+def check_layer_count(state: dict[str, torch.Tensor], config: LaFormerConfig, source: Path) -> None:
+    """Refuse a config claiming more layers than the checkpoint holds before building them: even on the meta
+    device each layer is a Python object, so ``block_count=2**31 - 1`` would build for hours."""
+    last = config.num_hidden_layers - 1
+    if not any(name.startswith(f"model.layers.{last}.") for name in state):
+        raise CheckpointError(
+            f"the config of {source} claims {config.num_hidden_layers} layers, but the checkpoint has no tensors for "
+            f"layer {last}; the config (num_hidden_layers / block_count) and the weights do not match"
+        )
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

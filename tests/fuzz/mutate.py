@@ -18,7 +18,7 @@ from fuzz import gguf_layout as gl
 CATEGORIES = ("gguf", "hf", "adapter", "data")
 ABSURD_INTS = [0, 1, 2**31 - 1, 2**32 - 1, 2**32, 10**12, 2**62, 2**63 - 1, 2**64 - 1]
 WRONG_VALUES: list[Any] = [None, "abc", "12", [], [1, 2], {}, {"a": 1}, True, False, 1.5, -1, 0, -(10**12), 10**12,
-                           2**63, 1e308, float("nan"), "😀" * 3]
+                           2**31 - 1, 2**63, 1e308, float("nan"), "😀" * 3]
 
 
 @dataclass

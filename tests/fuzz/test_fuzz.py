@@ -174,6 +174,49 @@ def test_a_gguf_tensor_with_an_empty_dimension_is_refused(seeds, tmp_path):
         LaFormerForCausalLM.from_pretrained(_rewrite_gguf(seeds["gguf_f32"], tmp_path, zero_dim))
 
 
+def _dup_tensor(layout):
+    tensors = [layout.raw(t) for t in layout.tensors]
+    return layout.rebuild([layout.raw(r) for r in layout.kvs], tensors[:1] + tensors)
+
+
+def _dup_key(layout):
+    kvs = [layout.raw(r) for r in layout.kvs]
+    return layout.rebuild(kvs + [kvs[-1]], [layout.raw(t) for t in layout.tensors])
+
+
+def _offset(value):
+    def mutate(layout):
+        buf = bytearray(layout.data)
+        struct.pack_into("<Q", buf, layout.tensors[1].fields["offset"], value)
+        return bytes(buf)
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_dup_tensor, "twice"), (_dup_key, "metadata key .* twice"), (_offset(1), "not a multiple of the file's alignment"),
+    (_offset(0), "share bytes"),
+], ids=["duplicate-tensor", "duplicate-key", "misaligned-offset", "overlapping-tensors"])
+def test_ggufs_that_llama_cpp_refuses_are_refused_not_loaded_as_garbage(seeds, tmp_path, mutate, message):
+    # these once loaded: the later duplicate won, or a tensor's weights were read from another tensor's bytes
+    with pytest.raises(CheckpointError, match=message):
+        LaFormerForCausalLM.from_pretrained(_rewrite_gguf(seeds["gguf_q8_0"], tmp_path, mutate))
+
+
+def test_a_layer_count_beyond_the_weights_is_refused_before_building_the_layers(seeds, tmp_path):
+    # once a hang: 2**31 - 1 decoder layers built on the meta device, one Python object each
+    def many_blocks(layout):
+        kvs = [gguf_layout.encode_kv(r.key, r.kind, 2**31 - 1) if r.key == "llama.block_count" else layout.raw(r)
+               for r in layout.kvs]
+        return layout.rebuild(kvs, [layout.raw(t) for t in layout.tensors])
+
+    with pytest.raises(CheckpointError, match="claims 2147483647 layers"):
+        LaFormerForCausalLM.from_pretrained(_rewrite_gguf(seeds["gguf_f32"], tmp_path, many_blocks))
+    folder = _copy(seeds, "hf", tmp_path)
+    _edit_json(folder / "config.json", num_hidden_layers=2**31 - 1)
+    with pytest.raises(CheckpointError, match="no tensors for layer 2147483646"):
+        LaFormerForCausalLM.from_pretrained(folder)
+
+
 def test_a_gguf_token_id_of_the_wrong_type_is_refused(seeds, tmp_path):
     def float_eos(layout):
         kvs = [gguf_layout.encode_kv(r.key, 6, 1.0) if r.key == "tokenizer.ggml.eos_token_id" else layout.raw(r)
