@@ -24,12 +24,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--kills", type=int, default=2, help="kills per trial before the run may finish")
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--start", type=int, default=0, help="number of the first trial (trial n uses seed + n)")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         expected = kill9.run_to_end(Path(tmp) / "reference")
         print(f"{'trial':>5} | {'kills (last step done -> resumed from)':<40} | {'steps lost':>10} | identical")
         passed = 0
-        for n in range(opts.trials):
+        for n in range(opts.start, opts.start + opts.trials):
             result = kill9.trial(Path(tmp) / f"trial-{n}", expected, random.Random(opts.seed + n), opts.kills)
             ok = result.identical and result.max_lost <= kill9.SAVE_STEPS
             passed += ok

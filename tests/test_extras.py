@@ -96,3 +96,89 @@ def test_core_commands_work_without_the_train_extra(tiny):
     base, _ = tiny
     done = cli_without(TRAIN_EXTRA + SERVE_EXTRA, "generate", "good", "--model", base, "--max-new-tokens", "2")
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def finetuned_classifier(tiny):
+    """A `laformer finetune`-style classifier folder, written without training (which needs the train extra)."""
+    from laformer import LaFormerForSequenceClassification
+    from laformer.tasks import save_finetuned
+    from laformer.tokenizer import LaFormerTokenizer
+
+    base, _ = tiny
+    folder = base.parent / "classifier"
+    labels = ["negative", "positive"]
+    model = LaFormerForSequenceClassification.from_pretrained(base, id2label=dict(enumerate(labels)))
+    save_finetuned(model, LaFormerTokenizer.from_pretrained(base), folder,
+                   {"task": "classification", "method": "full", "labels": labels, "base_model": str(base)})
+    return folder
+
+
+@pytest.mark.parametrize("missing", ["sklearn", "matplotlib"])
+def test_evaluate_a_classifier_without_the_train_extra_names_the_pip_install(tiny, finetuned_classifier, missing):
+    done = cli_without([missing], "evaluate", "--model", finetuned_classifier, "--data", tiny[1])
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert TRAIN_MESSAGE in done.stderr and f"'{missing}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_classify_runs_without_any_optional_extra(tiny, finetuned_classifier):
+    done = cli_without(TRAIN_EXTRA + SERVE_EXTRA, "classify", "--model", finetuned_classifier, "--text", "good film")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "positive" in done.stdout or "negative" in done.stdout
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn"])
+def test_serve_without_the_serve_extra_names_the_pip_install_before_loading_the_model(tmp_path, missing):
+    done = cli_without([missing], "serve", tmp_path / "no-such-model")  # the model is not even looked for
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert 'pip install "laformer[serve]"' in done.stderr and f"'{missing}'" in done.stderr
+    assert "Traceback" not in done.stderr and "no-such-model" not in done.stderr
+
+
+def test_public_functions_that_need_the_serve_extra_name_it():
+    code = """
+import importlib
+from laformer.extras import MissingExtraError
+import laformer.serve  # load_served and ServedModel need no extra
+calls = [lambda: laformer.serve.run(None), lambda: importlib.import_module("laformer.serve.app")]
+for call in calls:
+    try:
+        call()
+    except MissingExtraError as exc:
+        assert 'pip install "laformer[serve]"' in str(exc), exc
+    else:
+        raise SystemExit("no MissingExtraError")
+"""
+    done = run_without(SERVE_EXTRA + ("pydantic", "starlette"), code)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_drawing_ama_selections_without_matplotlib_names_the_train_extra():
+    code = """
+from laformer.ama.recorder import SelectionRecorder
+from laformer.ama.viz import selection_heatmap
+from laformer.extras import MissingExtraError
+try:
+    selection_heatmap(SelectionRecorder(), "x.png")
+except MissingExtraError as exc:
+    assert 'pip install "laformer[train]"' in str(exc), exc
+else:
+    raise SystemExit("no MissingExtraError")
+"""
+    done = run_without(["matplotlib"], code)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_reporting_to_wandb_without_wandb_names_its_pip_install(tmp_path):
+    code = f"""
+from laformer.errors import LaFormerError
+from laformer.training.reporting import Reporter
+try:
+    Reporter({str(tmp_path)!r}, ["wandb"], None, {{}})
+except LaFormerError as exc:
+    assert "pip install wandb" in str(exc), exc
+else:
+    raise SystemExit("no LaFormerError")
+"""
+    done = run_without(["wandb"], code)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -57,11 +57,12 @@ class PreTrainedMixin:
         dtype = resolve_dtype(dtype)
         checkpoint = load_checkpoint(name_or_path, dtype)
         config = apply_overrides(checkpoint.config, config_overrides)
+        check_layer_count(checkpoint.state_dict, config, checkpoint.path)
         with torch.device("meta"), skip_init():
             model = cls(config)
-        state = cls._adapt_state_dict(checkpoint.state_dict, config, dtype)
+        state = cls._adapt_state_dict(checkpoint.state_dict, config)
         model._restore_structure(state)
-        model._assign_weights(state, checkpoint.path)
+        model._assign_weights(state, checkpoint.path, dtype)
         model.checkpoint_info = {"path": str(checkpoint.path), "format": checkpoint.format,
                                  "tensor_types": checkpoint.tensor_types}
         if quantize is not None:
@@ -106,9 +107,7 @@ class PreTrainedMixin:
         return model
 
     @classmethod
-    def _adapt_state_dict(
-        cls, state: dict[str, torch.Tensor], config: LaFormerConfig, dtype: torch.dtype
-    ) -> dict[str, torch.Tensor]:
+    def _adapt_state_dict(cls, state: dict[str, torch.Tensor], config: LaFormerConfig) -> dict[str, torch.Tensor]:
         """Hugging Face names -> this class's names; other classes' heads are dropped."""
         prefix, head = cls.base_model_prefix, cls.output_head
         adapted: dict[str, torch.Tensor] = {}
@@ -120,18 +119,23 @@ class PreTrainedMixin:
                 adapted[name] = tensor
         if cls.new_head_allowed:
             weight = adapted.get(f"{head}.weight")
-            if weight is None or weight.shape[0] != config.num_labels:
-                fresh = torch.empty(config.num_labels, config.hidden_size, dtype=dtype)
-                adapted[f"{head}.weight"] = nn.init.normal_(fresh, std=config.initializer_range)
+            if weight is not None and weight.shape[0] != config.num_labels:
+                del adapted[f"{head}.weight"]  # another label count: _assign_weights makes a fresh head
         elif head is not None and config.tie_word_embeddings:
             adapted.pop(f"{head}.weight", None)  # tied to the embedding
         return adapted
 
-    def _assign_weights(self, state: dict[str, torch.Tensor], source: Path) -> None:
+    def _assign_weights(self, state: dict[str, torch.Tensor], source: Path, dtype: torch.dtype) -> None:
+        """Check the checkpoint's names and shapes against the model built from its config, then assign them.
+
+        A fresh classifier head is allocated only after that check: a config claiming ``hidden_size=10**9``
+        must be refused for its mismatching embedding, not fail allocating a (labels, 10**9) head."""
         expected = {name: p for name, p in self.state_dict(keep_vars=True).items()}
         if getattr(self.config, "tie_word_embeddings", False):
             expected.pop("lm_head.weight", None)
-        missing = sorted(set(expected) - set(state))
+        head = f"{self.output_head}.weight"
+        fresh_head = head if self.new_head_allowed and head in expected and head not in state else None
+        missing = sorted(set(expected) - set(state) - {fresh_head})
         if missing:
             raise CheckpointError(
                 f"{source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}; "
@@ -143,6 +147,9 @@ class PreTrainedMixin:
                     f"tensor {name!r} in {source} has shape {tuple(tensor.shape)}, but the config implies "
                     f"{tuple(expected[name].shape)}; the config and weights do not match"
                 )
+        if fresh_head is not None:
+            fresh = torch.empty(expected[fresh_head].shape, dtype=dtype)
+            state = {**state, fresh_head: nn.init.normal_(fresh, std=self.config.initializer_range)}
         self.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
         if hasattr(self, "tie_weights"):
             self.tie_weights()
@@ -187,6 +194,17 @@ def skip_init() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
+
+
+def check_layer_count(state: dict[str, torch.Tensor], config: LaFormerConfig, source: Path) -> None:
+    """Refuse a config claiming more layers than the checkpoint holds before building them: even on the meta
+    device each layer is a Python object, so ``block_count=2**31 - 1`` would build for hours."""
+    last = config.num_hidden_layers - 1
+    if not any(name.startswith(f"model.layers.{last}.") for name in state):
+        raise CheckpointError(
+            f"the config of {source} claims {config.num_hidden_layers} layers, but the checkpoint has no tensors for "
+            f"layer {last}; the config (num_hidden_layers / block_count) and the weights do not match"
+        )
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -85,7 +85,7 @@ def finetune_classification(
         texts, train_ids = add_back_translations(model_name, tokenizer, texts, train_ids, back_translate_count)
     if max_length is None:
         recipe = get_preset(preset)
-        lengths = [len(ids) for ids in encode_texts(tokenizer, texts)]
+        lengths = [len(ids) for ids in encode_texts(tokenizer, texts, max_length=recipe.length_cap)]
         max_length = choose_max_length(lengths, recipe.length_percentile, recipe.length_cap)
     train = ClassificationDataset(texts, train_ids, tokenizer, max_length, augment=augment, seed=args.seed)
     evaluation = None
@@ -200,7 +200,7 @@ def classify(
         raise TrainingError("no texts to classify; pass at least one")
     names = [model.config.id2label[i] for i in range(model.config.num_labels)] if model.config.id2label else None
     names = names or [str(i) for i in range(model.config.num_labels)]
-    ids = [row[: max_length] if max_length else row for row in encode_texts(tokenizer, texts)]
+    ids = encode_texts(tokenizer, texts, max_length=max_length or None)
     collate = PaddingCollator(pad_token_id=tokenizer.pad_token_id or 0)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
     results: list[dict[str, Any]] = [{} for _ in ids]

@@ -18,7 +18,7 @@ from fuzz import gguf_layout as gl
 CATEGORIES = ("gguf", "hf", "adapter", "data")
 ABSURD_INTS = [0, 1, 2**31 - 1, 2**32 - 1, 2**32, 10**12, 2**62, 2**63 - 1, 2**64 - 1]
 WRONG_VALUES: list[Any] = [None, "abc", "12", [], [1, 2], {}, {"a": 1}, True, False, 1.5, -1, 0, -(10**12), 10**12,
-                           2**63, 1e308, float("nan"), "😀" * 3]
+                           2**31 - 1, 2**63, 1e308, float("nan"), "😀" * 3]
 
 
 @dataclass
@@ -272,9 +272,11 @@ CONFIG_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 
 
 def _hf(rng: random.Random, seeds: dict[str, Path], folder: Path) -> tuple[str, Path, str]:
-    sharded = rng.random() < 0.25
+    """A mutated causal LM folder (loaded as a causal LM or as a classifier with a new head), or a classifier's."""
+    seed = rng.choice(["hf", "hf", "hf", "hf_sharded", "hf_classifier"])
+    sharded, target = seed == "hf_sharded", "hf" if seed != "hf_classifier" and rng.random() < 0.7 else "classifier"
     out = folder / "model"
-    shutil.copytree(seeds["hf_sharded" if sharded else "hf"], out)
+    shutil.copytree(seeds[seed], out)
     weights = sorted(out.glob("*.safetensors"))
     action = rng.choice(["config", "config", "config", "safetensors", "safetensors", "wrong_shape", "tokenizer",
                          "missing"] + (["index"] if sharded else []))
@@ -294,7 +296,7 @@ def _hf(rng: random.Random, seeds: dict[str, Path], folder: Path) -> tuple[str, 
         victim = rng.choice(weights + [out / "config.json", out / "tokenizer.json"])
         victim.unlink()
         detail = f"without {victim.name}"
-    return "hf", out, f"{action}: {detail}" + (" (sharded)" if sharded else "")
+    return target, out, f"{action}: {detail} ({seed} as {target})"
 
 
 def _mutate_index(rng: random.Random, path: Path) -> str:

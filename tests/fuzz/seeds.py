@@ -15,7 +15,7 @@ def build_seeds(root: Path) -> dict[str, Path]:
         sys.path.append(str(_TESTS))
     from tiny import byte_level_tokenizer, tiny_config
 
-    from laformer import LaFormerForCausalLM
+    from laformer import LaFormerForCausalLM, LaFormerForSequenceClassification
     from laformer.peft import LoraConfig, get_peft_model, save_adapter
 
     root.mkdir(parents=True, exist_ok=True)
@@ -31,6 +31,10 @@ def build_seeds(root: Path) -> dict[str, Path]:
     tokenizer.save_pretrained(hf)
     seeds["hf"] = hf
     seeds["hf_sharded"] = _shard(hf, root / "hf_sharded")
+    classifier = LaFormerForSequenceClassification.from_pretrained(hf, id2label={0: "bad", 1: "fine", 2: "good"})
+    classifier.save_pretrained(root / "hf_classifier")
+    tokenizer.save_pretrained(root / "hf_classifier")
+    seeds["hf_classifier"] = root / "hf_classifier"
     adapted = get_peft_model(LaFormerForCausalLM.from_pretrained(hf), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     save_adapter(adapted, root / "adapter")
     seeds["adapter"] = root / "adapter"

@@ -47,6 +47,41 @@ def test_findings_are_reported_with_their_exception_and_place(seeds, tmp_path, m
     assert not (tmp_path / "work" / "cases" / "case-000001").exists()  # each case's folder is removed after it
 
 
+def _huge_chat(folder, seeds):
+    path = folder / "chat.jsonl"
+    path.write_text(seeds["chat"].read_text() + json.dumps({"prompt": "a " * 1_000_000, "response": "y"}) + "\n")
+    return "instruction", path
+
+
+def _huge_text(folder, seeds):
+    path = folder / "train.jsonl"
+    path.write_text(seeds["jsonl"].read_text() + json.dumps({"text": "a " * 1_000_000, "label": "good"}) + "\n")
+    return "classification", path
+
+
+def _classifier_claiming_a_huge_hidden_size(folder, seeds):
+    path = shutil.copytree(seeds["hf"], folder / "model")
+    _edit_json(path / "config.json", hidden_size=2**31 - 1, head_dim=8)
+    return "classifier", path
+
+
+@pytest.mark.parametrize("make, outcome", [
+    (_huge_chat, "loads"),  # once a crash (the tokenizer over the 1 GiB limit) or a hang
+    (_huge_text, "loads"),
+    (_classifier_claiming_a_huge_hidden_size, "LaFormerError"),  # once a (2, 2**31 - 1) head allocated first
+], ids=["huge-chat-message", "huge-text", "classifier-huge-hidden"])
+def test_findings_that_once_blew_the_memory_limit(seeds, tmp_path, monkeypatch, make, outcome):
+    def make_case(index, campaign_seed, seeds, folder):
+        folder.mkdir(parents=True)
+        target, path = make(folder, seeds)
+        return fuzz.harness.Case(index, "data", make.__name__, target, str(path))
+
+    monkeypatch.setattr(fuzz.harness, "make_case", make_case)
+    # 256 MB: a fresh worker has more headroom than one deep in a campaign; uncut, a 2M-character text takes ~700 MB
+    ((_, result),) = run_cases([0], 17, seeds, tmp_path / "work", workers=1, timeout=120, memory_mb=256).results
+    assert result["outcome"] == outcome, result
+
+
 # ---- regressions: each input below once escaped as something other than a LaFormerError ----------------------------
 
 
@@ -137,6 +172,49 @@ def test_a_gguf_tensor_with_an_empty_dimension_is_refused(seeds, tmp_path):
 
     with pytest.raises(CheckpointError, match="no empty ones"):
         LaFormerForCausalLM.from_pretrained(_rewrite_gguf(seeds["gguf_f32"], tmp_path, zero_dim))
+
+
+def _dup_tensor(layout):
+    tensors = [layout.raw(t) for t in layout.tensors]
+    return layout.rebuild([layout.raw(r) for r in layout.kvs], tensors[:1] + tensors)
+
+
+def _dup_key(layout):
+    kvs = [layout.raw(r) for r in layout.kvs]
+    return layout.rebuild(kvs + [kvs[-1]], [layout.raw(t) for t in layout.tensors])
+
+
+def _offset(value):
+    def mutate(layout):
+        buf = bytearray(layout.data)
+        struct.pack_into("<Q", buf, layout.tensors[1].fields["offset"], value)
+        return bytes(buf)
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_dup_tensor, "twice"), (_dup_key, "metadata key .* twice"), (_offset(1), "not a multiple of the file's alignment"),
+    (_offset(0), "share bytes"),
+], ids=["duplicate-tensor", "duplicate-key", "misaligned-offset", "overlapping-tensors"])
+def test_ggufs_that_llama_cpp_refuses_are_refused_not_loaded_as_garbage(seeds, tmp_path, mutate, message):
+    # these once loaded: the later duplicate won, or a tensor's weights were read from another tensor's bytes
+    with pytest.raises(CheckpointError, match=message):
+        LaFormerForCausalLM.from_pretrained(_rewrite_gguf(seeds["gguf_q8_0"], tmp_path, mutate))
+
+
+def test_a_layer_count_beyond_the_weights_is_refused_before_building_the_layers(seeds, tmp_path):
+    # once a hang: 2**31 - 1 decoder layers built on the meta device, one Python object each
+    def many_blocks(layout):
+        kvs = [gguf_layout.encode_kv(r.key, r.kind, 2**31 - 1) if r.key == "llama.block_count" else layout.raw(r)
+               for r in layout.kvs]
+        return layout.rebuild(kvs, [layout.raw(t) for t in layout.tensors])
+
+    with pytest.raises(CheckpointError, match="claims 2147483647 layers"):
+        LaFormerForCausalLM.from_pretrained(_rewrite_gguf(seeds["gguf_f32"], tmp_path, many_blocks))
+    folder = _copy(seeds, "hf", tmp_path)
+    _edit_json(folder / "config.json", num_hidden_layers=2**31 - 1)
+    with pytest.raises(CheckpointError, match="no tensors for layer 2147483646"):
+        LaFormerForCausalLM.from_pretrained(folder)
 
 
 def test_a_gguf_token_id_of_the_wrong_type_is_refused(seeds, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from laformer import LaFormerError, LaFormerForCausalLM
+from laformer import LaFormerError, LaFormerForCausalLM, LaFormerForSequenceClassification
 from laformer.peft import load_adapter
 from laformer.tokenizer import LaFormerTokenizer
 from laformer.training.data import (ClassificationDataset, InstructionDataset, build_label_map, encode_labels,
@@ -26,13 +26,18 @@ from laformer.training.data import (ClassificationDataset, InstructionDataset, b
 SEEDS: dict[str, Path] = {}
 
 
-def _use(model: LaFormerForCausalLM) -> None:
+def _use(model: torch.nn.Module) -> None:
     with torch.no_grad():
         model(torch.zeros(1, 1, dtype=torch.long))
 
 
 def load_model(path: Path) -> None:
     _use(LaFormerForCausalLM.from_pretrained(path))
+    LaFormerTokenizer.from_pretrained(path)("hi there")
+
+
+def load_classifier(path: Path) -> None:
+    _use(LaFormerForSequenceClassification.from_pretrained(path))
     LaFormerTokenizer.from_pretrained(path)("hi there")
 
 
@@ -53,9 +58,10 @@ def _tokenizer() -> LaFormerTokenizer:
     return LaFormerTokenizer.from_pretrained(SEEDS["hf"])
 
 
-TARGETS = {"gguf": load_model, "hf": load_model, "adapter": load_lora, "classification": load_classification,
-           "instruction": load_instructions}
-WARM_UP = {"gguf": "gguf_q8_0", "hf": "hf_sharded", "adapter": "adapter", "classification": "csv", "instruction": "chat"}
+TARGETS = {"gguf": load_model, "hf": load_model, "classifier": load_classifier, "adapter": load_lora,
+           "classification": load_classification, "instruction": load_instructions}
+WARM_UP = {"gguf": "gguf_q8_0", "hf": "hf_sharded", "classifier": "hf_classifier", "adapter": "adapter",
+           "classification": "csv", "instruction": "chat"}
 
 
 def run(target: str, path: Path) -> dict:

@@ -63,7 +63,8 @@ def _env() -> dict[str, str]:
 def run_to_end(out_dir: Path, resume: bool = False) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    done = subprocess.run(_command(out_dir, resume), env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_command(out_dir, resume), env=_env(), capture_output=True, text=True,
+                          timeout=1200)  # a hang guard: seconds-long runs take minutes on a loaded machine
     if done.returncode:
         raise RuntimeError(f"training run failed:\n{done.stderr[-3000:]}")
     return load_file(str(out_dir / FINAL))

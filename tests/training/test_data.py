@@ -17,6 +17,7 @@ from laformer.training.data import (
     epoch_batches,
     load_classification_data,
     load_instruction_data,
+    text_limit,
 )
 
 
@@ -107,6 +108,43 @@ def test_instruction_labels_cover_only_the_response(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "x"}\n')
     with pytest.raises(TrainingError, match="'messages' nor 'prompt'"):
         load_instruction_data(tmp_path / "bad.jsonl")
+
+
+class RecordingTokenizer:
+    """tiny_tokenizer(), noting the longest text it was asked to tokenise."""
+
+    def __init__(self) -> None:
+        self.backend, self.longest_text = tiny_tokenizer(), 0
+
+    def get_vocab(self):
+        return self.backend.get_vocab()
+
+    def encode_batch(self, texts, add_special_tokens=True):
+        self.longest_text = max(self.longest_text, *map(len, texts))
+        return self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+
+def test_over_long_texts_are_cut_before_tokenising_and_keep_their_first_tokens():
+    # A 2M-character chat message once made the tokenizer blow a 1 GiB limit (fuzz finding): only max_length
+    # tokens are kept, so only the characters that can reach them are tokenised.
+    long_text = " ".join(random.Random(0).choice(["good", "movie", "very", "plot"]) for _ in range(20_000))
+    recording = RecordingTokenizer()
+    dataset = ClassificationDataset([long_text, "bad film"], [0, 1], recording, max_length=16)
+    assert recording.longest_text <= text_limit(recording, 16) < len(long_text)
+    assert dataset.input_ids == [recording.backend.encode(long_text).ids[:16], recording.backend.encode("bad film").ids]
+
+
+def test_over_long_chat_messages_are_cut_before_tokenising_and_keep_their_labels():
+    long_text = " ".join(random.Random(1).choice(["hello", "there", "film"]) for _ in range(20_000))
+    conversations = [[{"role": "user", "content": long_text}, {"role": "assistant", "content": "hi"}],
+                     [{"role": "user", "content": "hello"}, {"role": "assistant", "content": long_text}]]
+    recording = RecordingTokenizer()
+    cut = InstructionDataset(conversations, recording, max_length=24)
+    assert recording.longest_text <= text_limit(recording, 24) < len(long_text)
+    whole = InstructionDataset(conversations, tiny_tokenizer(), max_length=None)
+    for item, reference in zip(cut, whole):
+        assert item == {"input_ids": reference["input_ids"][:24], "labels": reference["labels"][:24]}
+    assert any(t != IGNORE_INDEX for t in cut[1]["labels"])  # the long answer is still learned from
 
 
 def test_instruction_labels_with_a_chat_template(default_tokenizer):

@@ -8,6 +8,7 @@ import torch
 
 from laformer.ama.recorder import SelectionRecorder
 from laformer.errors import ConfigError
+from laformer.extras import require
 
 
 def selection_matrix(recorder: SelectionRecorder, layer: int, batch: int = 0, value: str = "chosen") -> torch.Tensor:
@@ -28,13 +29,8 @@ def selection_heatmap(
     value: str = "chosen",
 ) -> Path:
     """Draw the decode-time selections of ``layers`` (default: every recorded one) into a PNG at ``path``."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ConfigError("drawing AMA selections needs matplotlib: pip install 'laformer[train]'") from exc
+    require("matplotlib", "train", "drawing AMA selections").use("Agg")
+    import matplotlib.pyplot as plt
     if value not in ("chosen", "probs"):
         raise ConfigError(f"value {value!r} is not drawable; use 'chosen' or 'probs'")
     layers = layers if layers is not None else recorder.layers()

@@ -88,6 +88,7 @@ class _Header:
     metadata: dict[str, Any]
     tensors: list[tuple[str, tuple[int, ...], int, int]]  # (gguf name, ggml dims (ne0 first), type id, offset)
     data_start: int
+    alignment: int
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -187,6 +188,8 @@ def _parse_header(buf: mmap.mmap, path: Path, decode_strings: bool = True) -> _H
         offset, metadata = 24, {}
         for _ in range(n_kv):
             key, offset = _read_string(buf, offset)
+            if key in metadata:  # llama.cpp refuses these too: which value counts would be a guess
+                raise CheckpointError(f"{path} holds the metadata key {key!r} twice; the file is corrupt")
             (kind,) = struct.unpack_from("<I", buf, offset)
             metadata[key], offset = _read_value(buf, offset + 4, kind, decode_strings)
         tensors = []
@@ -205,7 +208,7 @@ def _parse_header(buf: mmap.mmap, path: Path, decode_strings: bool = True) -> _H
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     if alignment <= 0:
         raise CheckpointError(f"{path} has general.alignment={alignment}; the file is corrupt")
-    return _Header(metadata, tensors, -(-offset // alignment) * alignment)
+    return _Header(metadata, tensors, -(-offset // alignment) * alignment, alignment)
 
 
 _INT, _REAL = "an integer", "a number"
@@ -293,8 +296,13 @@ def _read_value(buf: mmap.mmap, offset: int, kind: int, decode_strings: bool = T
 def _raw_tensors(
     buf: mmap.mmap, header: _Header, path: Path
 ) -> dict[str, tuple[GGMLQuantizationType, tuple[int, ...], np.ndarray]]:
-    raw = {}
+    raw, regions = {}, []
     for name, dims, type_id, offset in header.tensors:
+        if name in raw:
+            raise CheckpointError(f"{path} holds tensor {name!r} twice; the file is corrupt")
+        if offset % header.alignment:
+            raise CheckpointError(f"tensor {name!r} in {path} starts at offset {offset}, not a multiple of the file's "
+                                  f"alignment {header.alignment}; the file is corrupt")
         try:
             qtype = GGMLQuantizationType(type_id)
         except ValueError:
@@ -321,6 +329,12 @@ def _raw_tensors(
                 f"has {len(buf)}; re-download it"
             )
         raw[name] = (qtype, shape, np.frombuffer(buf, np.uint8, n_rows * row_bytes, start).reshape(n_rows, row_bytes))
+        regions.append((start, start + n_rows * row_bytes, name))
+    regions.sort()
+    for (_, end, first), (start, _, second) in zip(regions, regions[1:]):
+        if start < end:
+            raise CheckpointError(f"tensors {first!r} and {second!r} in {path} share bytes (their data overlaps); the "
+                                  "file is corrupt")
     return raw
 
 

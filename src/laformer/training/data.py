@@ -6,8 +6,10 @@ uninterrupted run would, and every distributed rank agrees on the global batches
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import random
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -101,15 +103,45 @@ def encode_labels(labels: Sequence[str], label2id: dict[str, int], path: str | P
     return [label2id[label] for label in labels]
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-    """Token ids for each text, from a ``LaFormerTokenizer`` or a raw ``tokenizers.Tokenizer``."""
+def text_limit(tokenizer: Any, max_length: int | None) -> int | None:
+    """How many characters of a text can matter to its first ``max_length`` tokens (None: all of them).
+
+    No token covers more characters than the longest vocabulary entry (byte-level BPE, as LLaMA-family models use;
+    only an unknown word of a word-level vocabulary can be longer), so a text cut there, plus a margin for the word
+    the cut splits, keeps its first ``max_length`` tokens, while a 2M-character row in a data file no longer costs
+    the tokenizer gigabytes: texts are cut to this before they are tokenised.
+    """
+    if max_length is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    try:
+        longest = _LONGEST_TOKEN[backend]
+    except (KeyError, TypeError):
+        vocab = backend.get_vocab() if hasattr(backend, "get_vocab") else {}
+        longest = max(1, max(map(len, vocab), default=_UNKNOWN_LONGEST_TOKEN))
+        with contextlib.suppress(TypeError):  # not weakly referable: recomputed each time
+            _LONGEST_TOKEN[backend] = longest
+    return (max_length + 16) * longest
+
+
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # get_vocab() takes ~0.1 s: once a tokenizer
+_UNKNOWN_LONGEST_TOKEN = 64  # characters per token assumed for a tokenizer that does not show its vocabulary
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool = True,
+                 max_length: int | None = None) -> list[list[int]]:
+    """Token ids for each text, from a ``LaFormerTokenizer`` or a raw ``tokenizers.Tokenizer``.
+
+    With ``max_length`` each row keeps its first ``max_length`` ids, and texts are cut (``text_limit``) first."""
+    limit = text_limit(tokenizer, max_length)
+    texts = [t[:limit] for t in texts] if limit is not None else list(texts)
     if hasattr(tokenizer, "backend_tokenizer"):
-        return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
-    if hasattr(tokenizer, "encode_batch"):
-        encoded = tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        rows = tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    elif hasattr(tokenizer, "encode_batch"):
+        rows = tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
     else:
-        encoded = [tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
-    return [list(e.ids) if hasattr(e, "ids") else list(e) for e in encoded]
+        rows = [tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+    return [list(getattr(row, "ids", row))[:max_length] for row in rows]
 
 
 class ClassificationDataset(Dataset):
@@ -139,7 +171,7 @@ class ClassificationDataset(Dataset):
         self.augment = augment
         self.seed = seed
         self.epoch = 0
-        self.input_ids = [ids[:max_length] for ids in encode_texts(tokenizer, self.texts)]
+        self.input_ids = encode_texts(tokenizer, self.texts, max_length=max_length)
         empty = [i for i, ids in enumerate(self.input_ids) if not ids]
         if empty:
             raise TrainingError(f"example {empty[0] + 1} tokenizes to nothing; remove empty texts")
@@ -157,7 +189,7 @@ class ClassificationDataset(Dataset):
         ids = self.input_ids[index]
         if self.augment is not None:
             rng = random.Random(hash((self.seed, self.epoch, index)))
-            ids = encode_texts(self.tokenizer, [self.augment(self.texts[index], rng)])[0][: self.max_length] or ids
+            ids = encode_texts(self.tokenizer, [self.augment(self.texts[index], rng)], max_length=self.max_length)[0] or ids
         item: dict[str, Any] = {"input_ids": ids}
         if self.labels is not None:
             item["labels"] = self.labels[index]
@@ -203,20 +235,28 @@ class InstructionDataset(Dataset):
     def __init__(self, conversations: Sequence[list[dict[str, str]]], tokenizer: Any, max_length: int = 512) -> None:
         if not conversations:
             raise TrainingError("the instruction dataset is empty; give it at least one conversation")
-        self.examples = [self._encode(c, tokenizer, max_length) for c in conversations]
+        limit = text_limit(tokenizer, max_length)
+        self.examples = [self._encode(c, tokenizer, max_length, limit) for c in conversations]
 
     @staticmethod
-    def _encode(messages: list[dict[str, str]], tokenizer: Any, max_length: int) -> dict[str, list[int]]:
-        ids = encode_texts(tokenizer, [render_chat(tokenizer, messages, False)], False)[0]
+    def _encode(messages: list[dict[str, str]], tokenizer: Any, max_length: int, limit: int | None
+                ) -> dict[str, list[int]]:
+        """Ids and labels of one conversation; over-long messages are cut first, as only ``max_length`` tokens stay."""
+        messages = [{**m, "content": m["content"][:limit]} for m in messages]
+
+        def encode(upto: int, add_generation_prompt: bool) -> list[int]:
+            return encode_texts(tokenizer, [render_chat(tokenizer, messages[:upto], add_generation_prompt)], False,
+                                max_length)[0]
+
+        ids = encode(len(messages), False)
         labels = [IGNORE_INDEX] * len(ids)
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
             # Rendering is prefix-stable at message boundaries, so the assistant's span is the difference.
-            start = len(encode_texts(tokenizer, [render_chat(tokenizer, messages[:i], True)], False)[0])
-            end = len(encode_texts(tokenizer, [render_chat(tokenizer, messages[: i + 1], False)], False)[0])
+            start, end = len(encode(i, True)), len(encode(i + 1, False))
             labels[start:end] = ids[start:end]
-        return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
+        return {"input_ids": ids, "labels": labels}
 
     def lengths(self) -> list[int]:
         return [len(e["input_ids"]) for e in self.examples]
