@@ -295,39 +295,56 @@ def passkey_trials(context: int, trials: int, depths: list[float]) -> list[tuple
     return [(depths[t % len(depths)], str(rng.randint(10000, 99999))) for t in range(trials)]
 
 
+def passkey_filler(tokenizer, context: int) -> list[int]:
+    """The filler every passkey prompt of ``context`` tokens starts with, up to its needle."""
+    filler = tokenizer.encode(FILLER, add_special_tokens=False)
+    return (filler * (context // len(filler) + 1))[:context]
+
+
 @torch.no_grad()
 def passkey(model, tokenizer, context: int, methods: list[str], trials: int, shared: bool,
             depths: list[float] = (0.0, 0.25, 0.5, 0.75, 1.0), budget: Budget | None = None
             ) -> dict[str, list[tuple[float, bool]]]:
-    """(depth, found) of each trial per method; every method answers each trial before the next one starts, and
-    trials not reached before the time limit are left out for all. With ``shared``, the prompt body is prefilled
-    once per trial with full attention; trials run from the deepest key up, so the filler before each key is
-    already in the cache (a causal model's prefix does not depend on what follows)."""
+    """(depth, found) of each trial per method. Trials take the depths in turn, every method answers a trial
+    before the next one starts, and trials not reached before the time limit are left out for all.
+
+    With ``shared``, the filler alone is prefilled once with full attention; a trial copies the filler's keys up to
+    its needle (a causal model's prefix does not depend on what follows) and prefills the rest of its prompt body
+    with full attention, so it costs the tokens from its needle on; question and answer run under each method."""
     budget = budget or Budget(None)
     outcomes: dict[str, list[tuple[float, bool]]] = {m: [] for m in methods}
-    cache = SlicedKVCache(model.config.num_hidden_layers, SLICE, capacity=context + 16)
-    cached = 0  # tokens in ``cache`` that are pure filler, valid for any later (shallower) key
+    layers = model.config.num_hidden_layers
+    filler, cache = (SlicedKVCache(layers, SLICE, capacity=context + 16) for _ in range(2))
+    filler_ids = passkey_filler(tokenizer, context)
     try:
-        for depth, key in sorted(passkey_trials(context, trials, depths), reverse=True):
+        if shared:
+            budget.check()
+            use(model, "full")
+            model(torch.tensor([filler_ids]), past_key_values=filler, use_cache=True, logits_to_keep=1)
+        for trial, (depth, key) in enumerate(passkey_trials(context, trials, depths)):
             budget.check()
             prompt, question = passkey_prompt(tokenizer, context - 8, depth, key)  # room for the answer
-            if not shared:  # model.generate under the method; its engine reuses the filler the last prompt shares
-                for method in methods:
+            found = {}
+            if shared:
+                start, at = len(prompt) - question, prompt_key_position(tokenizer, prompt, key)
+                assert prompt[:at] == filler_ids[:at], "a passkey prompt must start with the shared filler"
+                cache.crop(0)
+                for layer in range(layers):
+                    cache.update(filler.keys[layer][:, :, :at], filler.values[layer][:, :, :at], layer)
+                use(model, "full")
+                model(torch.tensor([prompt[at:start]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for method in methods:
+                if shared:
+                    use(model, method)
+                    text = tokenizer.decode(answer(model, prompt, cache, start, 7))
+                else:  # model.generate under the method, as a user runs it
                     ids = model.generate(torch.tensor([prompt]), max_new_tokens=7, attention=METHODS[method])
                     text = tokenizer.decode(ids[0, len(prompt):].tolist())
-                    outcomes[method].append((depth, key in re.sub(r"\s", "", text)))
-                continue
-            start = len(prompt) - question
-            at = prompt_key_position(tokenizer, prompt, key)
-            cached = min(cached, at)
-            cache.crop(cached)
-            use(model, "full")
-            model(torch.tensor([prompt[cached:start]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cached = at
-            for method in methods:
-                use(model, method)
-                text = tokenizer.decode(answer(model, prompt, cache, start, 7))
-                outcomes[method].append((depth, key in re.sub(r"\s", "", text)))
+                found[method] = key in re.sub(r"\s", "", text)
+                outcomes[method].append((depth, found[method]))
+            print(f"[{context}] passkey trial {trial + 1}/{trials}, depth {100 * depth:.0f} %: "
+                  + ", ".join(f"{m} {'found' if hit else 'missed'}" for m, hit in found.items()),
+                  file=sys.stderr, flush=True)
     except OutOfTime:
         pass
     finally:
@@ -360,7 +377,8 @@ def passkey_report(context: int, outcomes: dict[str, list[tuple[float, bool]]]) 
             got, of = per_depth.get(depth, (0, 0))
             per_depth[depth] = (got + hit, of + 1)
         depths = " ".join(f"{100 * d:.0f}%:{got}/{of}" for d, (got, of) in sorted(per_depth.items()))
-        line = f"[{context}] passkey {method}: {hits}/{n} trials ({percent(results):.0f} %, 95 % CI {low:.0f}-{high:.0f}); {depths}"
+        line = (f"[{context}] passkey {method}: {hits}/{n} trials ({percent(results):.0f} %, "
+                f"95 % CI {low:.0f}-{high:.0f}); {depths}")
         if method != "full":
             only = sum(h and not f for (_, h), (_, f) in zip(results, full))
             missed = sum(f and not h for (_, h), (_, f) in zip(results, full))
@@ -457,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
                     for method, r in decode_speed(model, tokenizer, context, methods, args.decode_tokens,
                                                   args.rounds).items():
                         rows.setdefault((context, method), {}).update(r)
+                        print(f"[{context}] {method} decode {r['decode_ms']:.1f} ms/token ({r['path']} step)",
+                              file=sys.stderr, flush=True)
             if context not in quality:
                 continue
             distinct = [m for m in methods if not same_as_full(m, context)]
@@ -467,6 +487,8 @@ def main(argv: list[str] | None = None) -> None:
                     ppl = perplexity_shared(model, windows, distinct)
                 else:
                     ppl = perplexity(model, windows, distinct, budget)
+            for method, value in ppl.items():
+                print(f"[{context}] {method} perplexity {value:.3f}", file=sys.stderr, flush=True)
             for method in methods:
                 if ppl:
                     rows.setdefault((context, method), {})["ppl"] = ppl["full" if same_as_full(method, context)
@@ -505,19 +527,19 @@ def print_table(rows: dict[tuple[int, str], dict], methods: list[str], weights: 
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    print(f"| context | weights | method | decode ms/tok (step) | x full | ppl | ppl vs full | passkey hits/trials |")
+    print("| context | weights | method | decode ms/tok (step) | x full | ppl | ppl vs full | passkey hits/trials |")
     print("|---:|---|---|---:|---:|---:|---:|---:|")
     for context in sorted({c for c, _ in rows}):
         full = rows.get((context, "full"), {})
         for method in methods:
             r = rows.get((context, method), {})
             ratio = full["decode_ms"] / r["decode_ms"] if "decode_ms" in r and "decode_ms" in full else None
-            delta = 100 * (r["ppl"] / full["ppl"] - 1) if "ppl" in r and "ppl" in full else None
+            delta = (r["ppl"] / full["ppl"] - 1) if "ppl" in r and "ppl" in full else None
             decode = f"{r['decode_ms']:.1f} ({r['path']})" if "decode_ms" in r else "-"
             keys = r.get("passkey")
             found = "-" if keys is None else f"{sum(hit for _, hit in keys)}/{len(keys)}"
-            print(f"| {context} | {weights} | {method} | {decode} | {cell(ratio, '.2f')} | {cell(r.get('ppl'), '.3f')} | "
-                  f"{cell(delta, '+.1f')}% | {found} |")
+            print(f"| {context} | {weights} | {method} | {decode} | {cell(ratio, '.2f')} | "
+                  f"{cell(r.get('ppl'), '.3f')} | {cell(delta, '+.1f%')} | {found} |")
 
 
 if __name__ == "__main__":
