@@ -5,7 +5,8 @@ native step, as a user runs it, for both sides), perplexity on the long texts in
 quarter of each window scored) and passkey retrieval (a 5-digit key stated once in filler text at several depths,
 asked for at the end), printed as hits / trials with a 95 % interval.
 
-    python bench/ama.py                      # the 8k float32 table: full vs ama-1024 (~10 min on 2 idle cores)
+    python bench/ama.py                      # the 8k float32 table, full vs ama-1024: ~17 CPU minutes (an
+                                             # estimate from its stages), ~10 min on 2 idle cores
     python bench/ama.py --quantize int8      # the same with int8 weights
     python bench/ama.py --contexts 1024,2048,4096,8192 --methods full,ama-512,ama-1024,window-1024 --trials 20
 
@@ -21,10 +22,12 @@ Flags (all optional):
     --time-limit 1500          seconds: after that, stages and passkey trials still to run are skipped, and the
                                table shows what was measured (the passkey count says how many trials ran)
     --clock cpu|wall           cpu (default): this process's CPU seconds, which other jobs on a shared machine
-                               disturb far less than wall time; --threads 1 (default) goes with it
-    --passkey-prefill shared   shared (default): each prompt body is prefilled once with full attention, question
-                               and answer run under each method (as Quest evaluates); method: each whole prompt is
-                               answered by ``model.generate(prompt, attention=...)``
+                               disturb far less than wall time; --threads 1 (default, decode timing) goes with it
+    --quality-threads N        threads for perplexity and passkey, which are not timed (default: all cores)
+    --passkey-prefill shared   shared (default): the filler is prefilled once with full attention, each trial
+                               copies its keys up to the needle and prefills the rest of its prompt body exactly,
+                               question and answer run under each method (as Quest evaluates); method: each whole
+                               prompt is answered by ``model.generate(prompt, attention=...)``
     --ppl-prefill method       method (default): the whole window runs under the method (block-sparse prefill);
                                shared: the first three quarters are prefilled with full attention
     --kernel-contexts none     also time one layer's attention alone on random tensors at these contexts
@@ -438,7 +441,9 @@ def main(argv: list[str] | None = None) -> None:
                         "first three quarters are prefilled with full attention, the scored quarter under the method")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
                         help="cpu: this process's CPU time, steadier than wall time on a shared machine")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads for decode timing")
+    parser.add_argument("--quality-threads", type=int, default=None,
+                        help="PyTorch threads for perplexity and passkey, which are not timed (default: all cores)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="wall seconds; then what is still to run is skipped and what was measured is printed")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -471,6 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         for context in sorted(set(contexts) | set(quality)):
             if context in contexts:
                 budget.check()
+                torch.set_num_threads(args.threads)
                 with Stage(f"[{context}] decode timing"):
                     for method, r in decode_speed(model, tokenizer, context, methods, args.decode_tokens,
                                                   args.rounds).items():
@@ -479,6 +485,7 @@ def main(argv: list[str] | None = None) -> None:
                               file=sys.stderr, flush=True)
             if context not in quality:
                 continue
+            torch.set_num_threads(args.quality_threads or os.cpu_count() or 1)
             distinct = [m for m in methods if not same_as_full(m, context)]
             budget.check()
             with Stage(f"[{context}] perplexity, {args.ppl_windows} window(s) x {len(distinct)} methods"):
