@@ -546,7 +546,7 @@ def print_table(rows: dict[tuple[int, str], dict], methods: list[str], weights: 
             keys = r.get("passkey")
             found = "-" if keys is None else f"{sum(hit for _, hit in keys)}/{len(keys)}"
             print(f"| {context} | {weights} | {method} | {decode} | {cell(ratio, '.2f')} | "
-                  f"{cell(r.get('ppl'), '.3f')} | {cell(delta, '+.1f%')} | {found} |")
+                  f"{cell(r.get('ppl'), '.3f')} | {cell(delta, '+.1%')} | {found} |")
 
 
 if __name__ == "__main__":
