@@ -1,28 +1,42 @@
-"""Actively Mediated Attention on the default model, against full attention and a sinks + window baseline.
+"""Actively Mediated Attention on the default model, against full attention (and other budgets and baselines).
 
-For each context: decode time per token through ``model.generate(..., attention=AMAConfig(...))`` (the decode engine's
-native step, as a user runs it), prefill time, perplexity on the long
-texts in ../shared/data/longtext (sliding windows, the last quarter of each scored) and passkey retrieval
-accuracy (a 5-digit key stated once in filler text at depths 0%..100%, asked for at the end).
+Per context: decode time per token through ``model.generate(..., attention=AMAConfig(...))`` (the decode engine's
+native step, as a user runs it, for both sides), perplexity on the long texts in ../shared/data/longtext (the last
+quarter of each window scored) and passkey retrieval (a 5-digit key stated once in filler text at several depths,
+asked for at the end), printed as hits / trials with a 95 % interval.
 
-    python bench/ama.py                   # everything at 1k, 2k, 4k and 8k (many CPU hours)
-    python bench/ama.py --quick           # decode speed at 1k-8k, quality at 1k and 2k, few trials
-    python bench/ama.py --quality-contexts 4096 --trials 20 --methods full,ama-1024,window-1024
+    python bench/ama.py                      # the 8k float32 table, full vs ama-1024: ~17 CPU minutes (an
+                                             # estimate from its stages), ~10 min on 2 idle cores
+    python bench/ama.py --quantize int8      # the same with int8 weights
+    python bench/ama.py --contexts 1024,2048,4096,8192 --methods full,ama-512,ama-1024,window-1024 --trials 20
 
-Decode timing prefills a real-text prompt once per method and times further ``generate`` calls on it (the engine
-reuses the prompt's keys); ``--kernel-contexts`` times one layer's attention alone on random tensors. Quality runs
-on real text. ``--clock cpu --threads 1`` times this process's CPU seconds, which other jobs on a shared machine
-disturb far less than wall time. The 8k decode table of docs/ama.md:
+Flags (all optional):
+    --contexts 8192            contexts for decode timing ('none' to skip)
+    --quality-contexts C,...   contexts for perplexity and passkey (default: --contexts; 'none' to skip)
+    --methods full,ama-1024    any of METHODS below; full always runs, and first
+    --trials 20                passkey trials per context, spread round-robin over --depths (0: no passkey)
+    --depths 0,25,50,75,100    passkey depths in percent of the filler
+    --ppl-windows 1            perplexity windows per context (A Tale of Two Cities, Dracula, ...)
+    --decode-tokens 32         timed decode steps per method and round (at most 32); --rounds 1
+    --quantize int8|int4       load the model quantized, as from_pretrained(quantize=...)
+    --time-limit 1500          seconds: after that, stages and passkey trials still to run are skipped, and the
+                               table shows what was measured (the passkey count says how many trials ran)
+    --clock cpu|wall           cpu (default): this process's CPU seconds, which other jobs on a shared machine
+                               disturb far less than wall time; --threads 1 (default, decode timing) goes with it
+    --quality-threads N        threads for perplexity and passkey, which are not timed (default: all cores)
+    --passkey-prefill shared   shared (default): the filler is prefilled once with full attention, each trial
+                               copies its keys up to the needle and prefills the rest of its prompt body exactly,
+                               question and answer run under each method (as Quest evaluates); method: each whole
+                               prompt is answered by ``model.generate(prompt, attention=...)``
+    --ppl-prefill method       method (default): the whole window runs under the method (block-sparse prefill);
+                               shared: the first three quarters are prefilled with full attention
+    --kernel-contexts none     also time one layer's attention alone on random tensors at these contexts
+    --json PATH, --heatmap PATH
 
-    python bench/ama.py --contexts 8192 --quality-contexts none --kernel-contexts none --threads 1 --clock cpu
-        --methods full,ama-1024,ama-1024-off,ama-512,window-1024 [--quantize int8]
-
-``--passkey-prefill shared`` (default) prefills each passkey prompt once with full attention and runs the
-question and the answer under each method, as Quest evaluates; ``method`` answers each whole prompt with
-``model.generate(..., attention=...)`` (the decode engine, whose prompt cache reuses the filler the prompts
-share). ``--ppl-prefill method`` (default) runs each perplexity window wholly under the method (block-sparse
-prefill); ``shared`` prefills its first three quarters once with full attention and only the scored quarter
-runs under each method.
+Decode timing prefills a real-text prompt of ``context - 40`` tokens once per method and times further ``generate``
+calls on it (the engine reuses the prompt's keys): the difference of 1 and 1 + 32 new tokens is 32 steps. Methods
+take turns (decode rounds, perplexity windows and passkey trials are interleaved), and the load average of the
+machine is printed at the start and the end. Each stage prints its own wall and CPU seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -41,7 +56,7 @@ import torch.nn.functional as F
 
 from laformer import LaFormerForCausalLM
 from laformer.ama import AMAConfig, SlicedKVCache
-from laformer.attention import sdpa_attention
+from laformer.attention import attention_backend, sdpa_attention
 from laformer.formats.registry import DEFAULT_MODEL, resolve
 from laformer.inference.engine import engine_for
 from laformer.tokenizer import LaFormerTokenizer
@@ -54,7 +69,7 @@ METHODS = {
     "ama-1024": AMAConfig(slice_len=SLICE, budget=1024),
     "ama-512-off": AMAConfig(slice_len=SLICE, budget=512, mediation="off"),
     "ama-1024-off": AMAConfig(slice_len=SLICE, budget=1024, mediation="off"),
-    "ama-1024-bound": AMAConfig(slice_len=SLICE, budget=1024, score="bound", local_window=768),  # stop 9's default
+    "ama-1024-bound": AMAConfig(slice_len=SLICE, budget=1024, score="bound", local_window=768),  # the former default
     "window-512": AMAConfig(slice_len=SLICE, budget=512, local_window=512 - SLICE, mediation="off"),
     "window-1024": AMAConfig(slice_len=SLICE, budget=1024, local_window=1024 - SLICE, mediation="off"),
 }
@@ -62,7 +77,40 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 QUESTION = " What is the pass key? The pass key is"
 
 
-clock = time.perf_counter  # --clock cpu: time.process_time, this process's CPU seconds (see main)
+clock = time.process_time  # --clock wall: time.perf_counter (see main)
+
+
+class OutOfTime(Exception):
+    """The --time-limit passed: what is still to run is skipped."""
+
+
+class Budget:
+    """The --time-limit, in wall seconds from the start."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = None if seconds is None else time.perf_counter() + seconds
+
+    def check(self) -> None:
+        if self.end is not None and time.perf_counter() > self.end:
+            raise OutOfTime
+
+
+class Stage:
+    """Prints how long a stage took, in wall and CPU seconds (where the time of a long run goes)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc) -> None:
+        print(f"  {self.name}: {time.perf_counter() - self.wall:.0f} s wall, {time.process_time() - self.cpu:.0f} s "
+              f"CPU{' (cut by --time-limit)' if exc[0] is OutOfTime else ''}", file=sys.stderr, flush=True)
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
 
 
 class Timed:
@@ -90,7 +138,7 @@ def full_attention(q, k, v, mask, *, layer_idx=0, cache=None):
 
 def use(model: LaFormerForCausalLM, method: str) -> Timed:
     config = METHODS[method]
-    timed = Timed(full_attention if config is None else config.build_backend(model.decoder))
+    timed = Timed(full_attention if config is None else attention_backend(config, model.decoder))
     model.decoder.set_attention(timed)
     return timed
 
@@ -145,7 +193,7 @@ def kernel_speed(model, context: int, methods: list[str], repeats: int = 20) -> 
     results = {}
     for method in methods:
         config = METHODS[method]
-        backend = full_attention if config is None else config.build_backend(model.decoder)
+        backend = full_attention if config is None else attention_backend(config, model.decoder)
         backend(q, k, v, None, layer_idx=0, cache=cache)  # warm-up, summaries
         start = clock()
         for _ in range(repeats):
@@ -174,19 +222,24 @@ def text_windows(tokenizer, context: int, count: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def perplexity(model, windows: list[torch.Tensor], method: str) -> tuple[float, float]:
-    """Perplexity over the last quarter of every window, and the mean seconds of one window's forward."""
-    use(model, method)
-    nll, count, seconds = 0.0, 0, 0.0
-    for ids in windows:
-        scored = len(ids) // 4
-        start = clock()
-        logits = model(ids[None], logits_to_keep=scored + 1).logits[0, :-1].float()
-        seconds += clock() - start
-        nll += F.cross_entropy(logits, ids[-scored:], reduction="sum").item()
-        count += scored
-    model.decoder.set_attention(None)
-    return math.exp(nll / count), seconds / len(windows)
+def perplexity(model, windows: list[torch.Tensor], methods: list[str], budget: Budget) -> dict[str, float]:
+    """Perplexity per method over the last quarter of every window, each window run wholly under each method in
+    turn (block-sparse prefill for AMA); windows not reached before the time limit are left out for all."""
+    nll, count = dict.fromkeys(methods, 0.0), 0
+    try:
+        for ids in windows:
+            budget.check()
+            scored = len(ids) // 4
+            for method in methods:
+                use(model, method)
+                logits = model(ids[None], logits_to_keep=scored + 1).logits[0, :-1].float()
+                nll[method] += F.cross_entropy(logits, ids[-scored:], reduction="sum").item()
+            count += scored
+    except OutOfTime:
+        pass
+    finally:
+        model.decoder.set_attention(None)
+    return {m: math.exp(nll[m] / count) for m in methods} if count else {}
 
 
 @torch.no_grad()
@@ -239,38 +292,101 @@ def answer(model, prompt: list[int], cache: SlicedKVCache, start: int, new_token
     return out
 
 
-@torch.no_grad()
-def passkey(model, tokenizer, context: int, methods: list[str], trials: int, shared: bool) -> dict[str, float]:
-    """Accuracy (%) per method over ``trials`` keys at depths 0..100%. With ``shared``, the prompt body is
-    prefilled once per trial with full attention; trials run from the deepest key up, so the filler before
-    each key is already in the cache (a causal model's prefix does not depend on what follows)."""
+def passkey_trials(context: int, trials: int, depths: list[float]) -> list[tuple[float, str]]:
+    """(depth, key) of every trial: depths round-robin, each trial its own random key (fixed by the context)."""
     rng = random.Random(context)
-    trial_keys = [(trial / max(1, trials - 1), str(rng.randint(10000, 99999))) for trial in range(trials)]
-    hits = {m: 0 for m in methods}
-    if not shared:  # model.generate under the method; its engine reuses the filler the last prompt shares
-        for method in methods:
-            for depth, key in sorted(trial_keys, reverse=True):
-                prompt, _ = passkey_prompt(tokenizer, context - 8, depth, key)
-                ids = model.generate(torch.tensor([prompt]), max_new_tokens=7, attention=METHODS[method])
-                hits[method] += key in re.sub(r"\s", "", tokenizer.decode(ids[0, len(prompt):].tolist()))
-        return {m: 100.0 * hits[m] / trials for m in methods}
-    cache = SlicedKVCache(model.config.num_hidden_layers, SLICE, capacity=context + 16)
-    cached = 0  # tokens in ``cache`` that are pure filler, valid for any later (shallower) key
-    for depth, key in sorted(trial_keys, reverse=True):
-        prompt, question = passkey_prompt(tokenizer, context - 8, depth, key)  # room for the answer
-        start = len(prompt) - question
-        at = prompt_key_position(tokenizer, prompt, key)
-        cached = min(cached, at)
-        cache.crop(cached)
-        use(model, "full")
-        model(torch.tensor([prompt[cached:start]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cached = at
-        for method in methods:
-            use(model, method)
-            text = tokenizer.decode(answer(model, prompt, cache, start, 7))
-            hits[method] += key in re.sub(r"\s", "", text)
-    model.decoder.set_attention(None)
-    return {m: 100.0 * hits[m] / trials for m in methods}
+    return [(depths[t % len(depths)], str(rng.randint(10000, 99999))) for t in range(trials)]
+
+
+def passkey_filler(tokenizer, context: int) -> list[int]:
+    """The filler every passkey prompt of ``context`` tokens starts with, up to its needle."""
+    filler = tokenizer.encode(FILLER, add_special_tokens=False)
+    return (filler * (context // len(filler) + 1))[:context]
+
+
+@torch.no_grad()
+def passkey(model, tokenizer, context: int, methods: list[str], trials: int, shared: bool,
+            depths: list[float] = (0.0, 0.25, 0.5, 0.75, 1.0), budget: Budget | None = None
+            ) -> dict[str, list[tuple[float, bool]]]:
+    """(depth, found) of each trial per method. Trials take the depths in turn, every method answers a trial
+    before the next one starts, and trials not reached before the time limit are left out for all.
+
+    With ``shared``, the filler alone is prefilled once with full attention; a trial copies the filler's keys up to
+    its needle (a causal model's prefix does not depend on what follows) and prefills the rest of its prompt body
+    with full attention, so it costs the tokens from its needle on; question and answer run under each method."""
+    budget = budget or Budget(None)
+    outcomes: dict[str, list[tuple[float, bool]]] = {m: [] for m in methods}
+    layers = model.config.num_hidden_layers
+    filler, cache = (SlicedKVCache(layers, SLICE, capacity=context + 16) for _ in range(2))
+    filler_ids = passkey_filler(tokenizer, context)
+    try:
+        if shared:
+            budget.check()
+            use(model, "full")
+            model(torch.tensor([filler_ids]), past_key_values=filler, use_cache=True, logits_to_keep=1)
+        for trial, (depth, key) in enumerate(passkey_trials(context, trials, depths)):
+            budget.check()
+            prompt, question = passkey_prompt(tokenizer, context - 8, depth, key)  # room for the answer
+            found = {}
+            if shared:
+                start, at = len(prompt) - question, prompt_key_position(tokenizer, prompt, key)
+                assert prompt[:at] == filler_ids[:at], "a passkey prompt must start with the shared filler"
+                cache.crop(0)
+                for layer in range(layers):
+                    cache.update(filler.keys[layer][:, :, :at], filler.values[layer][:, :, :at], layer)
+                use(model, "full")
+                model(torch.tensor([prompt[at:start]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for method in methods:
+                if shared:
+                    use(model, method)
+                    text = tokenizer.decode(answer(model, prompt, cache, start, 7))
+                else:  # model.generate under the method, as a user runs it
+                    ids = model.generate(torch.tensor([prompt]), max_new_tokens=7, attention=METHODS[method])
+                    text = tokenizer.decode(ids[0, len(prompt):].tolist())
+                found[method] = key in re.sub(r"\s", "", text)
+                outcomes[method].append((depth, found[method]))
+            print(f"[{context}] passkey trial {trial + 1}/{trials}, depth {100 * depth:.0f} %: "
+                  + ", ".join(f"{m} {'found' if hit else 'missed'}" for m, hit in found.items()),
+                  file=sys.stderr, flush=True)
+    except OutOfTime:
+        pass
+    finally:
+        model.decoder.set_attention(None)
+    return outcomes
+
+
+def percent(outcomes: list[tuple[float, bool]]) -> float:
+    return 100.0 * sum(hit for _, hit in outcomes) / max(1, len(outcomes))
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % interval of a hit rate from ``hits`` of ``n`` trials (Wilson score interval), in percent."""
+    if n == 0:
+        return 0.0, 100.0
+    p = hits / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n)
+
+
+def passkey_report(context: int, outcomes: dict[str, list[tuple[float, bool]]]) -> None:
+    """Hits / trials with their interval per method, hits per depth, and the trials where a method and full
+    attention disagree (what a paired comparison of the two rests on)."""
+    full = outcomes["full"]
+    for method, results in outcomes.items():
+        hits, n = sum(hit for _, hit in results), len(results)
+        low, high = wilson(hits, n)
+        per_depth = {}
+        for depth, hit in results:
+            got, of = per_depth.get(depth, (0, 0))
+            per_depth[depth] = (got + hit, of + 1)
+        depths = " ".join(f"{100 * d:.0f}%:{got}/{of}" for d, (got, of) in sorted(per_depth.items()))
+        line = (f"[{context}] passkey {method}: {hits}/{n} trials ({percent(results):.0f} %, "
+                f"95 % CI {low:.0f}-{high:.0f}); {depths}")
+        if method != "full":
+            only = sum(h and not f for (_, h), (_, f) in zip(results, full))
+            missed = sum(f and not h for (_, h), (_, f) in zip(results, full))
+            line += f"; found where full missed {only}, missed where full found {missed}"
+        print(line, file=sys.stderr, flush=True)
 
 
 def prompt_key_position(tokenizer, prompt: list[int], key: str) -> int:
@@ -304,15 +420,16 @@ def heatmap(model, tokenizer, context: int, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", default="1024,2048,4096,8192", help="contexts for decode/prefill timing")
+    parser.add_argument("--contexts", default="8192", help="contexts for decode timing ('none' to skip)")
     parser.add_argument("--quality-contexts", default=None, help="contexts for perplexity and passkey "
-                        "(default: --contexts)")
-    parser.add_argument("--kernel-contexts", default="8192,16384,32768",
-                        help="contexts for the attention-kernel-alone timing ('none' to skip)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
-    parser.add_argument("--trials", type=int, default=20, help="passkey trials per context, depths 0..100%% "
-                        "(0: skip passkey)")
-    parser.add_argument("--ppl-windows", type=int, default=6, help="perplexity windows per context")
+                        "(default: --contexts; 'none' to skip)")
+    parser.add_argument("--kernel-contexts", default="none",
+                        help="contexts for the attention-kernel-alone timing, e.g. 8192,16384,32768")
+    parser.add_argument("--methods", default="full,ama-1024", help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--trials", type=int, default=20, help="passkey trials per context, round-robin over "
+                        "--depths (0: skip passkey)")
+    parser.add_argument("--depths", default="0,25,50,75,100", help="passkey depths, percent")
+    parser.add_argument("--ppl-windows", type=int, default=1, help="perplexity windows per context")
     parser.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps per method and round "
                         "(at most 32)")
     parser.add_argument("--rounds", type=int, default=1, help="decode timing rounds (each prefills every method)")
@@ -322,71 +439,85 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ppl-prefill", choices=("method", "shared"), default="method",
                         help="method: the whole window runs under the method (block-sparse prefill); shared: the "
                         "first three quarters are prefilled with full attention, the scored quarter under the method")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu: this process's CPU time, steadier than wall time on a shared machine "
-                        "(use with --threads 1)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="quality at 1k and 2k only, 5 trials, 2 windows, "
-                        "8 decode steps")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
+                        help="cpu: this process's CPU time, steadier than wall time on a shared machine")
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch threads for decode timing")
+    parser.add_argument("--quality-threads", type=int, default=None,
+                        help="PyTorch threads for perplexity and passkey, which are not timed (default: all cores)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="wall seconds; then what is still to run is skipped and what was measured is printed")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--heatmap", type=Path, default=None, help="draw a selection heatmap PNG here")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.quality_contexts = args.quality_contexts or "1024,2048"
-        args.trials, args.ppl_windows, args.decode_tokens = 5, 2, 8
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "cpu":
+    torch.set_num_threads(args.threads)
+    if args.clock == "wall":
         global clock
-        clock = time.process_time
+        clock = time.perf_counter
+    budget = Budget(args.time_limit)
     contexts = [int(c) for c in args.contexts.split(",") if c.isdigit()]
     quality = [int(c) for c in (args.quality_contexts or args.contexts).split(",") if c.isdigit()]  # "none": skip
+    depths = [float(d) / 100 for d in args.depths.split(",")]
     methods = args.methods.split(",")
+    if set(methods) - set(METHODS):
+        parser.error(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {','.join(METHODS)}")
     if methods[0] != "full":
         methods = ["full"] + [m for m in methods if m != "full"]
 
     path = resolve(DEFAULT_MODEL)
-    model = LaFormerForCausalLM.from_pretrained(path, quantize=args.quantize)
-    tokenizer = LaFormerTokenizer.from_pretrained(path)
-    print(f"threads={torch.get_num_threads()} {AMAConfig(budget=1024).describe()}; "
-          f"{AMAConfig(budget=512).describe()}", file=sys.stderr)
+    started = time.perf_counter()
+    print(f"start: {load()}; threads={torch.get_num_threads()}, clock {args.clock}, weights "
+          f"{args.quantize or 'float32'}; {AMAConfig(budget=1024).describe()}", file=sys.stderr, flush=True)
+    with Stage("load"):
+        model = LaFormerForCausalLM.from_pretrained(path, quantize=args.quantize)
+        tokenizer = LaFormerTokenizer.from_pretrained(path)
     rows: dict[tuple[int, str], dict[str, float]] = {}
-    for context in sorted(set(contexts) | set(quality)):
-        if context in contexts:
-            for method, r in decode_speed(model, tokenizer, context, methods, args.decode_tokens,
-                                          args.rounds).items():
-                rows.setdefault((context, method), {}).update(r)
-            print(f"[{context}] decode timed", file=sys.stderr)
-        if context in quality:
-            windows = text_windows(tokenizer, context, args.ppl_windows)
-            if args.ppl_prefill == "shared":
-                distinct = [m for m in methods if not same_as_full(m, context)]
-                for method, ppl in perplexity_shared(model, windows, distinct).items():
-                    print(f"[{context}] {method} ppl (shared prefill) {ppl:.3f}", file=sys.stderr)
-                    rows.setdefault((context, method), {})["ppl"] = ppl
-                for method in methods:
-                    if same_as_full(method, context):
-                        rows.setdefault((context, method), {})["ppl"] = rows[(context, "full")]["ppl"]
-            for method in methods if args.ppl_prefill == "method" else []:
-                row = rows.setdefault((context, method), {})
-                if same_as_full(method, context):
-                    row.update({k: rows[(context, "full")][k] for k in ("ppl", "prefill_s")})
-                    continue
-                row["ppl"], row["prefill_s"] = perplexity(model, windows, method)
-                print(f"[{context}] {method} ppl {row['ppl']:.3f} prefill {row['prefill_s']:.1f}s", file=sys.stderr)
-            if not args.trials:
+    passkeys: dict[int, dict[str, list[tuple[float, bool]]]] = {}
+    try:
+        for context in sorted(set(contexts) | set(quality)):
+            if context in contexts:
+                budget.check()
+                torch.set_num_threads(args.threads)
+                with Stage(f"[{context}] decode timing"):
+                    for method, r in decode_speed(model, tokenizer, context, methods, args.decode_tokens,
+                                                  args.rounds).items():
+                        rows.setdefault((context, method), {}).update(r)
+                        print(f"[{context}] {method} decode {r['decode_ms']:.1f} ms/token ({r['path']} step)",
+                              file=sys.stderr, flush=True)
+            if context not in quality:
                 continue
+            torch.set_num_threads(args.quality_threads or os.cpu_count() or 1)
             distinct = [m for m in methods if not same_as_full(m, context)]
-            scores = passkey(model, tokenizer, context, distinct, args.trials, args.passkey_prefill == "shared")
+            budget.check()
+            with Stage(f"[{context}] perplexity, {args.ppl_windows} window(s) x {len(distinct)} methods"):
+                windows = text_windows(tokenizer, context, args.ppl_windows)
+                if args.ppl_prefill == "shared":
+                    ppl = perplexity_shared(model, windows, distinct)
+                else:
+                    ppl = perplexity(model, windows, distinct, budget)
+            for method, value in ppl.items():
+                print(f"[{context}] {method} perplexity {value:.3f}", file=sys.stderr, flush=True)
             for method in methods:
-                rows[(context, method)]["passkey"] = scores["full" if same_as_full(method, context) else method]
-            print(f"[{context}] passkey {scores}", file=sys.stderr)
+                if ppl:
+                    rows.setdefault((context, method), {})["ppl"] = ppl["full" if same_as_full(method, context)
+                                                                        else method]
+            if args.trials:
+                with Stage(f"[{context}] passkey, up to {args.trials} trials x {len(distinct)} methods"):
+                    outcomes = passkey(model, tokenizer, context, distinct, args.trials,
+                                       args.passkey_prefill == "shared", depths, budget)
+                outcomes = {m: outcomes["full" if same_as_full(m, context) else m] for m in methods}
+                passkeys[context] = outcomes
+                passkey_report(context, outcomes)
+                for method in methods:
+                    rows.setdefault((context, method), {})["passkey"] = outcomes[method]
+    except OutOfTime:
+        print(f"--time-limit {args.time_limit:.0f} s reached: the rest is skipped", file=sys.stderr)
     kernels = {}
     for context in [int(c) for c in args.kernel_contexts.split(",") if c.isdigit()]:
         kernels[context] = kernel_speed(model, context, methods)
     if args.heatmap:
         heatmap(model, tokenizer, max(quality or contexts), args.heatmap)
-    print_table(rows, methods)
+    print(f"end: {load()}; {time.perf_counter() - started:.0f} s wall in all", file=sys.stderr)
+    print_table(rows, methods, args.quantize or "float32")
     if kernels:
         print("\nDecode attention of one layer alone, ms (x full):\n")
         print("| context | " + " | ".join(methods) + " |")
@@ -399,22 +530,24 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps(results, indent=1))
 
 
-def print_table(rows: dict[tuple[int, str], dict[str, float]], methods: list[str]) -> None:
+def print_table(rows: dict[tuple[int, str], dict], methods: list[str], weights: str) -> None:
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
-    print("| context | method | decode ms/tok (step) | x full | prefill s | x full | ppl | ppl vs full | passkey % |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| context | weights | method | decode ms/tok (step) | x full | ppl | ppl vs full | passkey hits/trials |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
     for context in sorted({c for c, _ in rows}):
         full = rows.get((context, "full"), {})
         for method in methods:
             r = rows.get((context, method), {})
-            ratio = {k: (full[k] / r[k] if k in r and k in full and r[k] else None) for k in ("decode_ms", "prefill_s")}
-            delta = 100 * (r["ppl"] / full["ppl"] - 1) if "ppl" in r and "ppl" in full else None
+            ratio = full["decode_ms"] / r["decode_ms"] if "decode_ms" in r and "decode_ms" in full else None
+            delta = (r["ppl"] / full["ppl"] - 1) if "ppl" in r and "ppl" in full else None
             decode = f"{r['decode_ms']:.1f} ({r['path']})" if "decode_ms" in r else "-"
-            print(f"| {context} | {method} | {decode} | {cell(ratio['decode_ms'], '.2f')} | "
-                  f"{cell(r.get('prefill_s'), '.1f')} | {cell(ratio['prefill_s'], '.2f')} | "
-                  f"{cell(r.get('ppl'), '.3f')} | {cell(delta, '+.1f')}% | {cell(r.get('passkey'), '.0f')} |")
+            keys = r.get("passkey")
+            found = "-" if keys is None else f"{sum(hit for _, hit in keys)}/{len(keys)}"
+            print(f"| {context} | {weights} | {method} | {decode} | {cell(ratio, '.2f')} | "
+                  f"{cell(r.get('ppl'), '.3f')} | {cell(delta, '+.1%')} | {found} |")
+
 
 if __name__ == "__main__":
     main()

@@ -204,23 +204,14 @@ def perplexities(model, tokenizer, methods: list[str], args) -> dict[str, float]
     return result
 
 
-class _Backend:
-    """Lets bench/ama.py's passkey test build one of these scorers' backends by name."""
-
-    def __init__(self, backend) -> None:
-        self.backend = backend
-
-    def build_backend(self, decoder):
-        return self.backend
-
-
 def passkeys(model, tokenizer, methods: list[str], args) -> dict[str, float]:
     """bench/ama.py's passkey accuracy (%) per scorer: prompt body prefilled exactly, question and answer under
     the scorer's selection."""
     for method in methods:
         if method != "full":
-            ama.METHODS[method] = _Backend(backend_for(method, args))
-    return ama.passkey(model, tokenizer, args.context, methods, args.passkey_trials, shared=True)
+            ama.METHODS[method] = backend_for(method, args)  # a backend stands for itself
+    outcomes = ama.passkey(model, tokenizer, args.context, methods, args.passkey_trials, shared=True)
+    return {method: ama.percent(results) for method, results in outcomes.items()}
 
 
 if __name__ == "__main__":

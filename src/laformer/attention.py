@@ -8,7 +8,8 @@ for a plain causal pattern without padding. It returns (B, H, T, D). Sparse atte
 
 from __future__ import annotations
 
-from typing import Protocol
+import functools
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,14 @@ class AttentionBackend(Protocol):
         layer_idx: int,
         cache: KVCache | None,
     ) -> torch.Tensor: ...
+
+
+@functools.singledispatch
+def attention_backend(spec: Any, model: Any) -> AttentionBackend | None:
+    """The backend ``spec`` stands for in ``model`` (``set_attention`` calls this): a backend (or None) is itself;
+    a sparse-attention config is built by the factory its package registers for the config's type
+    (``attention_backend.register(Config)``), so the model never imports the sparse variants."""
+    return spec
 
 
 def causal_mask(query_len: int, key_len: int, device: torch.device | None = None) -> torch.Tensor:

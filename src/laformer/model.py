@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from laformer.attention import AttentionBackend, build_attention_mask, sdpa_attention
+from laformer.attention import AttentionBackend, attention_backend, build_attention_mask, sdpa_attention
 from laformer.cache import Cache, KVCache
 from laformer.config import LaFormerConfig
 from laformer.errors import GenerationError
@@ -192,11 +192,10 @@ class LaFormerModel(PreTrainedMixin, nn.Module):
     def set_attention(self, backend: AttentionBackend | None) -> None:
         """Route every layer's attention through ``backend`` (None restores exact SDPA attention).
 
-        A sparse-attention config such as ``laformer.ama.AMAConfig`` is accepted too: it builds its backend
-        for this model (``build_backend``), so the model never imports the sparse variants.
+        A sparse-attention config such as ``laformer.ama.AMAConfig`` is accepted too: ``attention_backend`` builds
+        its backend for this model, so the model never imports the sparse variants.
         """
-        if hasattr(backend, "build_backend"):
-            backend = backend.build_backend(self)
+        backend = attention_backend(backend, self)
         for layer in self.layers:
             layer.self_attn.backend = backend or sdpa_attention
 

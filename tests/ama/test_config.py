@@ -1,13 +1,17 @@
-"""``AMAConfig`` (``ama/config.py``): validation, the budget's description, and where it is switched on."""
+"""``AMAConfig`` (``ama/config.py``): validation, the budget's description, where it is switched on
+(``set_attention``, ``from_pretrained``, the CLI), and that it stays data that no backend module imports back."""
 
 from __future__ import annotations
 
+import grimp
 import pytest
+import torch
 
 from ama.helpers import ama_config
 from laformer import ConfigError, LaFormerForCausalLM
 from laformer.ama import AMAConfig
 from laformer.ama.attention import AMAAttention
+from laformer.attention import sdpa_attention
 
 
 @pytest.mark.parametrize("fields", [
@@ -51,3 +55,34 @@ def test_cli_attention_options():
     assert attention_config(parser.parse_args(["generate", "hi"])) is None
     with pytest.raises(ConfigError):
         attention_config(parser.parse_args(["generate", "hi", "--attention", "ama", "--ama-budget", "100"]))
+
+
+def test_set_attention_on_the_causal_lm_switches_every_layer_and_back(tiny_model):
+    """``model.set_attention(AMAConfig(...))`` (docs/ama.md) builds one backend for all layers; generating after it
+    gives what ``generate(attention=...)`` gives for one call, and None restores exact attention."""
+    cfg = AMAConfig(slice_len=8, budget=32, local_window=16)
+    ids = torch.randint(0, 97, (2, 60), generator=torch.Generator().manual_seed(4))
+    per_call = tiny_model.generate(ids, max_new_tokens=6, attention=cfg)
+    assert all(layer.self_attn.backend is sdpa_attention for layer in tiny_model.model.layers)  # per call only
+    exact = tiny_model.generate(ids, max_new_tokens=6)
+    tiny_model.set_attention(cfg)
+    try:
+        backends = {id(layer.self_attn.backend) for layer in tiny_model.model.layers}
+        assert len(backends) == 1 and isinstance(tiny_model.model.layers[0].self_attn.backend, AMAAttention)
+        assert torch.equal(tiny_model.generate(ids, max_new_tokens=6), per_call)
+    finally:
+        tiny_model.set_attention(None)
+    assert all(layer.self_attn.backend is sdpa_attention for layer in tiny_model.model.layers)
+    assert torch.equal(tiny_model.generate(ids, max_new_tokens=6), exact)
+    assert not torch.equal(per_call, exact)  # the budget of 32 over 60+ tokens does change what is generated
+
+
+def test_no_ama_module_imports_one_that_imports_it_back():
+    """The config is plain data: the backend (``attention.py``) imports it, never the other way round, and no
+    two AMA modules depend on each other."""
+    graph = grimp.build_graph("laformer", cache_dir=None)
+    modules = {m for m in graph.modules if m.startswith("laformer.ama.")}
+    assert graph.find_shortest_chain(importer="laformer.ama.config", imported="laformer.ama.attention") is None
+    cycles = [(m, n) for m in modules for n in graph.find_modules_directly_imported_by(m) & modules
+              if graph.find_shortest_chain(importer=n, imported=m)]
+    assert cycles == []

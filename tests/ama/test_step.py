@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from laformer.ama.cache import summarize
 from laformer.cache import KVCache
 from laformer.inference.engine import engine_for
 from laformer.inference.native_step import native_available
+from laformer.quantization import quantize_model
 
 pytestmark = pytest.mark.skipif(not (kernel.available() and native_available()),
                                 reason="no C compiler (or no AVX2) for the native step and the AMA kernel")
@@ -35,19 +38,39 @@ def prompts(lengths: list[int], seed: int = 3) -> tuple[torch.Tensor, torch.Tens
     return ids, (None if bool(mask.all()) else mask)
 
 
+# Batch 13 (over the 8 rows below which quantized products take the one-row kernel), prompts from 5 to 50 tokens:
+# rows start inside the budget, at it and past it, and several fill a slice on different steps.
+MIXED = [45, 30, 9, 41, 5, 50, 17, 33, 12, 48, 26, 38, 21]
+
+
+def assert_generate_equals_eager(model, lengths: list[int], config: AMAConfig, new_tokens: int = 24) -> None:
+    """Greedy ``model.generate`` with AMA runs the native step and gives the eager AMA loop's tokens."""
+    ids, mask = prompts(lengths)
+    engine = engine_for(model)
+    native = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, attention=config)
+    assert engine.path == "native", engine.native_problem
+    reference = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, attention=config,
+                               cache=KVCache(model.config.num_hidden_layers))
+    assert torch.equal(native, reference)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("lengths", [[37], [45, 30, 9, 41]], ids=["batch1", "mixed-batch"])
 def test_generate_with_ama_on_the_native_step_equals_the_eager_reference(tiny_model, name, lengths):
-    """Greedy ``model.generate`` with AMA runs the native step and gives the eager AMA loop's tokens. The 9-token
-    row starts within the budget and grows past it (its summaries are all built by the kernel)."""
-    ids, mask = prompts(lengths)
-    config = CONFIGS[name]
-    engine = engine_for(tiny_model)
-    native = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=24, attention=config)
-    assert engine.path == "native", engine.native_problem
-    reference = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=24, attention=config,
-                                    cache=KVCache(tiny_model.config.num_hidden_layers))
-    assert torch.equal(native, reference)
+    """Every score and mediation. The 9-token row starts within the budget and grows past it (its summaries are
+    all built by the kernel)."""
+    assert_generate_equals_eager(tiny_model, lengths, CONFIGS[name])
+
+
+@pytest.mark.parametrize("mode", [None, "int8", "int4"], ids=["fp32", "int8", "int4"])
+@pytest.mark.parametrize("lengths", [[37], MIXED], ids=["batch1", "batch13-mixed"])
+def test_generate_with_ama_equals_the_eager_reference_for_every_weight_kind(tiny_model, native_arithmetic, mode,
+                                                                            lengths):
+    """The default scan score on float, int8 and int4 weights, one row and 13 rows of mixed lengths."""
+    model = tiny_model
+    if mode:
+        model = quantize_model(copy.deepcopy(tiny_model), mode, 32)
+    assert_generate_equals_eager(model, lengths, CONFIGS["scan"], new_tokens=16)
 
 
 def test_native_summaries_equal_the_pytorch_ones(tiny_model):

@@ -1,11 +1,12 @@
-"""Recorded selections (``ama/recorder.py``) drawn as a heatmap (``ama/viz.py``)."""
+"""Recorded selections drawn as a heatmap (``ama/viz.py``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from laformer.ama import AMAConfig
+from laformer import ConfigError
+from laformer.ama import AMAConfig, SelectionRecorder
 
 
 def test_return_selection_through_generate_and_heatmap(tiny_model, tmp_path):
@@ -15,7 +16,13 @@ def test_return_selection_through_generate_and_heatmap(tiny_model, tmp_path):
     cfg = AMAConfig(slice_len=8, budget=32, local_window=16, return_selection=True)
     ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(8))
     tiny_model.generate(ids, max_new_tokens=12, attention=cfg)
-    steps = cfg.recorder.decode_steps(layer=1)
-    assert len(steps) == 11 and steps[0].chosen.shape[:3] == (1, 2, 1)
     path = selection_heatmap(cfg.recorder, tmp_path / "selection.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_recorder_without_decode_steps_is_refused(tmp_path):
+    pytest.importorskip("matplotlib")
+    from laformer.ama.viz import selection_heatmap
+
+    with pytest.raises(ConfigError, match="return_selection=True"):
+        selection_heatmap(SelectionRecorder(), tmp_path / "empty.png")

@@ -37,7 +37,7 @@ from laformer.ama.cache import SliceSummaries, update_summaries
 from laformer.ama.config import AMAConfig
 from laformer.ama.scan import slice_log_mass
 from laformer.ama.step import NativeAttention
-from laformer.attention import sdpa_attention
+from laformer.attention import attention_backend, sdpa_attention
 from laformer.cache import KVCache
 from laformer.config import LaFormerConfig
 
@@ -67,7 +67,8 @@ class MediationGate(nn.Module):
 
 
 class AMAAttention:
-    """The backend built by ``AMAConfig.build_backend``; see the module docstring for the mechanism."""
+    """The backend an ``AMAConfig`` stands for (``set_attention(AMAConfig(...))`` builds one through
+    ``attention_backend``); see the module docstring for the mechanism."""
 
     contiguous_keys = True  # slices are runs of cache columns: the decode engine keeps rows in lockstep for it
 
@@ -326,6 +327,12 @@ class AMAAttention:
             log_gate = gate(left_out, left_mass).to(dtype)[..., None]  # (B, H_kv, Q, G, 1)
             bias = bias + torch.where(unselected[:, :, :, None], log_gate, 0.0)  # no gradient through -inf
         return bias
+
+
+@attention_backend.register(AMAConfig)
+def _ama_backend(config: AMAConfig, decoder: nn.Module) -> AMAAttention:
+    """``model.set_attention(AMAConfig(...))`` and ``generate(attention=AMAConfig(...))`` build their backend here."""
+    return AMAAttention(config, decoder)
 
 
 def gather_slices(xs: tuple[torch.Tensor, ...], sel: torch.Tensor, slice_len: int) -> list[torch.Tensor]:

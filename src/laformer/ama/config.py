@@ -1,15 +1,15 @@
-"""The knobs of Actively Mediated Attention, checked once so the hot path never has to."""
+"""The knobs of Actively Mediated Attention, checked once so the hot path never has to.
+
+Pure data: the backend a config stands for is built in ``attention.py`` (``AMAAttention``, registered with
+``laformer.attention.attention_backend``), which imports this module and not the other way round.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from laformer.ama.recorder import SelectionRecorder
 from laformer.errors import ConfigError
-
-if TYPE_CHECKING:
-    from laformer.ama.attention import AMAAttention
-    from laformer.ama.recorder import SelectionRecorder
 
 SCORES = ("scan", "bound", "mean")
 MEDIATIONS = ("off", "estimate", "learned")
@@ -77,8 +77,6 @@ class AMAConfig:
             if value not in allowed:
                 raise ConfigError(f"AMA {name} {value!r} is not supported; use one of {allowed}")
         if self.return_selection and self.recorder is None:
-            from laformer.ama.recorder import SelectionRecorder
-
             self.recorder = SelectionRecorder()
 
     @property
@@ -112,9 +110,3 @@ class AMAConfig:
             f"budget {self.budget} = sinks {self.sink_slices * self.slice_len} + local {self.local_tokens} + "
             f"{self.num_selected} selected x {self.slice_len}"
         )
-
-    def build_backend(self, decoder) -> AMAAttention:
-        """The attention backend for ``decoder`` (``LaFormerModel.set_attention`` calls this)."""
-        from laformer.ama.attention import AMAAttention
-
-        return AMAAttention(self, decoder)
