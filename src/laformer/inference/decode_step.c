@@ -4,9 +4,9 @@
  * them (dispatch, the graph's wrapper, attention calls, one OpenMP fork/join per product) cost about as much as the
  * products. Here the step is one OpenMP parallel region: the threads split each product's output columns and meet
  * at a barrier between dependent phases (six per layer), as llama.cpp does; the barrier is our own (below). The
- * matrix products are qgemm.c's column kernels (int8, 4-bit and
- * float32 weights), reading the model's own weights in place: the q, k and v projections (and gate and up) share
- * one phase, so they need no fused copy. Everything else is small and written out below.
+ * matrix products are qgemm.c's column kernels (int8, 4-bit and float32 weights), reading the model's own weights
+ * in place: the q, k and v projections (and gate and up) share one phase, so they need no fused copy. Everything
+ * else is small and written out below.
  *
  * Semantics are the PyTorch engine's (laformer.inference.engine): the static cache (B, Hkv, S, D) is written at
  * column slot[b], attention covers the columns where valid[b] is set (this one included), rotary positions come
@@ -78,7 +78,8 @@ int laformer_decode_layout(char *out, int capacity) {
     LAYOUT_FIELD(Linear, bits) LAYOUT_FIELD(Linear, n) LAYOUT_FIELD(Linear, k) LAYOUT_FIELD(Linear, g)
     LAYOUT_FIELD(Linear, int8_activations)
     LAYOUT_STRUCT(Layer) LAYOUT_FIELD(Layer, q) LAYOUT_FIELD(Layer, k) LAYOUT_FIELD(Layer, v)
-    LAYOUT_FIELD(Layer, o) LAYOUT_FIELD(Layer, gate) LAYOUT_FIELD(Layer, up) LAYOUT_FIELD(Layer, down) LAYOUT_FIELD(Layer, input_norm) LAYOUT_FIELD(Layer, post_norm)
+    LAYOUT_FIELD(Layer, o) LAYOUT_FIELD(Layer, gate) LAYOUT_FIELD(Layer, up) LAYOUT_FIELD(Layer, down)
+    LAYOUT_FIELD(Layer, input_norm) LAYOUT_FIELD(Layer, post_norm)
     LAYOUT_FIELD(Layer, keys) LAYOUT_FIELD(Layer, values) LAYOUT_FIELD(Layer, sparse)
     LAYOUT_STRUCT(Model) LAYOUT_FIELD(Model, layers) LAYOUT_FIELD(Model, hidden) LAYOUT_FIELD(Model, heads)
     LAYOUT_FIELD(Model, kv_heads) LAYOUT_FIELD(Model, head_dim) LAYOUT_FIELD(Model, ffn) LAYOUT_FIELD(Model, vocab)
@@ -241,7 +242,8 @@ static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a
 static void scratch_layout(const Model *m, int64_t *shared, int64_t *own, int64_t *widest) {
     const int64_t B = m->batch, d = m->hidden, D = m->head_dim, H = m->heads, Hkv = m->kv_heads;
     const Layer *first = &m->layer[0];
-    *widest = max3(m->head.n, first->q.n + first->k.n + first->v.n, first->gate.n + first->up.n); /* the widest projection; o and down give d */
+    /* the widest phase's output; o and down give d */
+    *widest = max3(m->head.n, first->q.n + first->k.n + first->v.n, first->gate.n + first->up.n);
     *shared = B * (d + (H + 2 * Hkv) * D + H * D + m->ffn + *widest + D);
     *own = B * d + m->cache_len + D + (blocks_bytes(B, max3(d, m->ffn, H * D)) + 3) / 4;
 }
