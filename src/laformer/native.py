@@ -68,20 +68,7 @@ def build_timeout() -> float:
 
 @functools.cache
 def compiler_version(compiler: str) -> str:
-    """``compiler --version``'s output: part of the cache key, so an upgrade rebuilds.
-
-    Kept in the cache beside the kernels under the compiler binary's path, size and mtime (which an upgrade
-    changes), so a process that finds its kernels built does not fork a compiler (tens of ms from a process that
-    holds a model, paid by every first ``generate``)."""
-    binary = Path(shutil.which(compiler) or compiler)
-    try:
-        stat = binary.resolve().stat()
-        identity = f"{binary}|{stat.st_size}|{stat.st_mtime_ns}".encode()
-        memo: Path | None = cache_dir() / "compilers" / hashlib.sha256(identity).hexdigest()[:16]
-    except OSError:
-        memo = None
-    if memo is not None and memo.is_file():
-        return memo.read_text()
+    """``compiler --version``'s output (once per process): part of the cache key, so an upgrade rebuilds."""
     try:
         result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -90,15 +77,6 @@ def compiler_version(compiler: str) -> str:
     if result.returncode != 0:
         raise KernelError(f"`{compiler} --version` exited with status {result.returncode}; install gcc or point "
                           "CC/CXX at a working compiler")
-    if memo is not None:
-        try:  # under a temporary name and renamed, like the kernels: a concurrent reader sees all of it or nothing
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=memo.parent)
-            with os.fdopen(fd, "w") as f:
-                f.write(result.stdout)
-            os.replace(tmp, memo)
-        except OSError:
-            pass  # a read-only cache: ask the compiler again next time
     return result.stdout
 
 
