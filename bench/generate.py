@@ -5,8 +5,11 @@ then ``model.generate(inputs.input_ids, attention_mask=inputs.attention_mask, ma
 ``tokenizer.apply_chat_template`` and ``tokenizer(..., padding=True)``. transformers runs the same weights (its own
 GGUF loader, float32) through its ``generate``; llama.cpp (llama-cpp-python) the same GGUF file, token by token.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/generate.py            # ~3-5 minutes on 2 shared cores
+    OMP_WAIT_POLICY=PASSIVE python bench/generate.py            # ~3-5 minutes on 2 idle cores
     OMP_WAIT_POLICY=PASSIVE python bench/generate.py --sides laformer-int8,llama.cpp --rounds 2
+
+Flags: ``--sides`` (comma-separated, default all of laformer-fp32/int8/int4, transformers, llama.cpp), ``--rounds``
+(interleaved rounds, default 3), ``--new-tokens`` (default 32), ``--threads`` (default 2, every side).
 
 Every side is one long-lived process (its own threads, 2 by default) and the parent interleaves them: each round
 asks every side for one batch-1 and one batch-8 measurement in turn, and a side's rate is its best round, so a

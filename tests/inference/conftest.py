@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from laformer import LaFormerConfig, LaFormerForCausalLM
+from laformer import LaFormerForCausalLM
 
 from ._helpers import CONFIG
 
 
 @pytest.fixture(scope="module")
-def tiny() -> LaFormerForCausalLM:
-    return LaFormerForCausalLM.from_config(LaFormerConfig(**CONFIG), seed=0).eval()
+def tiny(tiny_model) -> LaFormerForCausalLM:
+    return tiny_model(**CONFIG)
 
 
 @pytest.fixture(scope="module")

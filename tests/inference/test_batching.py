@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from laformer import GenerationError, LaFormerConfig, LaFormerForCausalLM
+from laformer import GenerationError, LaFormerForCausalLM
 from laformer.generation import generate
 from laformer.inference import DecodeEngine
 from laformer.inference.batching import generate_batch
@@ -18,8 +18,8 @@ MAX_NEW = 12
 
 
 @pytest.fixture(scope="module")
-def tiny() -> LaFormerForCausalLM:
-    return LaFormerForCausalLM.from_config(LaFormerConfig(**CONFIG), seed=0).eval()
+def tiny(tiny_model) -> LaFormerForCausalLM:
+    return tiny_model(**CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_bad_input_raises(tiny, prompts, options, message):
 def test_default_model_batched_equals_single(default_model, default_tokenizer):
     texts = ["The capital of France is", "Once upon a time,", "def fibonacci(n):"]
     prompts = [default_tokenizer.encode(t) for t in texts]
-    engine = DecodeEngine(default_model)  # builds its own fused copy: the session model stays as it is
+    engine = DecodeEngine(default_model)  # a second engine over the session model, which it never changes
     expected = [generate(default_model, torch.tensor([p]), max_new_tokens=6, eos_token_id=[])[0, len(p):].tolist()
                 for p in prompts]
     assert generate_batch(engine, prompts, max_new_tokens=6, batch_size=2, eos_token_id=[]) == expected

@@ -1,4 +1,4 @@
-"""The decode engine behind model.generate: its fused view, the static cache, its steps (native, eager, compiled)."""
+"""The decode engine behind model.generate: the static cache, its steps (native, eager, compiled)."""
 
 from __future__ import annotations
 
@@ -12,36 +12,48 @@ import torch
 from laformer import GenerationError
 from laformer.generation import generate
 from laformer.inference import DecodeEngine, StaticKVCache
-from laformer.inference.fused import FusedView
-from laformer.inference.native_step import native_available
+from laformer.inference import engine_for
+from laformer.inference.native_step import NativeStep, native_available
 from laformer.quantization import quantize_model
 
 from ._helpers import CONFIG, reference
 
+@pytest.mark.skipif(not native_available(), reason="no C compiler, no AVX2 or LAFORMER_NO_KERNELS: no native step")
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
-def test_fused_view_matches_the_model_and_leaves_it_alone(tiny, mode):
+def test_native_step_reads_the_models_own_weights_and_leaves_them_alone(tiny, mode):
     model = copy.deepcopy(tiny)
     if mode:
         quantize_model(model, mode, 32)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    view = FusedView.create(model)
-    x = torch.randn(2, 5, CONFIG["hidden_size"])
-    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
-    fused_attn, fused_mlp = view.decoder.layers[1].self_attn, view.decoder.layers[1].mlp
-    with torch.no_grad():
-        torch.testing.assert_close(fused_attn.qkv_proj(x), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
-        torch.testing.assert_close(fused_mlp.gate_up_proj(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
-    assert fused_attn.o_proj is attn.o_proj and fused_attn.backend is attn.backend
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(generate(model, ids, max_new_tokens=5), reference(model, ids, max_new_tokens=5))
+    engine = engine_for(model)
+    assert engine.path == "native"
+    # Every weight the C step reads is one of the model's tensors: no copy, no second layout.
+    model_pointers = {t.data_ptr() for t in (*model.parameters(), *model.buffers())}
+    read = [linear.w for layer in engine._native_step._layers for linear in
+            (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)]
+    assert len(read) == 7 * CONFIG["num_hidden_layers"] and set(read) <= model_pointers
     # The model keeps its Hugging Face layout: same modules, same state dict.
+    attn = model.model.layers[1].self_attn
     assert type(attn.q_proj) is type(model.model.layers[0].self_attn.k_proj) and not hasattr(attn, "qkv_proj")
     assert sorted(model.state_dict()) == sorted(state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
-def test_fused_view_refuses_wrapped_projections(tiny):
+def test_the_native_step_refuses_wrapped_projections_by_name(tiny):
     model = copy.deepcopy(tiny)
     model.model.layers[0].self_attn.q_proj = torch.nn.Sequential(model.model.layers[0].self_attn.q_proj)
-    assert "layer 0's q/k/v" in FusedView.create(model)
+    problem = NativeStep.unsupported(model, StaticKVCache(model.config, 1, 16))
+    assert "layer 0 q_proj is a Sequential" in problem
+
+
+def test_the_native_step_refuses_qkv_projections_quantized_differently(tiny):
+    model = copy.deepcopy(tiny)
+    quantize_model(model, "int8", 32)
+    model.model.layers[1].self_attn.q_proj.int8_activations = False  # k and v still round their input to int8
+    problem = NativeStep.unsupported(model, StaticKVCache(model.config, 1, 16))
+    assert "layer 1's q_proj/k_proj/v_proj are quantized differently" in problem
 
 
 def test_peft_still_finds_q_proj_after_generate(tiny):
@@ -51,13 +63,11 @@ def test_peft_still_finds_q_proj_after_generate(tiny):
     before = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=4)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert sum("lora_A" in name for name, _ in lora.named_parameters()) == 2 * CONFIG["num_hidden_layers"]
-    # A fresh LoRA is zero: same tokens, now through the PyTorch step (adapters are not fused).
+    # A fresh LoRA is zero: same tokens, now through the PyTorch step (the native step takes no adapters).
     assert torch.equal(generate(lora, torch.tensor([[1, 2, 3]]), max_new_tokens=4), before)
 
 
-def test_engine_is_built_once_and_rebuilds_its_fused_copy_when_weights_change(tiny):
-    from laformer.inference import engine_for
-
+def test_engine_is_built_once_and_follows_weights_changed_in_place(tiny):
     model = copy.deepcopy(tiny)
     ids = torch.tensor([[5, 6, 7, 8]])
     first = generate(model, ids, max_new_tokens=6)

@@ -9,7 +9,7 @@ import ctypes
 import pytest
 import torch
 
-from laformer import GenerationError, LaFormerConfig, LaFormerForCausalLM, native
+from laformer import GenerationError, LaFormerForCausalLM, native
 from laformer.generation import generate
 from laformer.inference import DecodeEngine, engine_for, native_step
 from laformer.inference.native_step import config_problem, native_available
@@ -200,8 +200,8 @@ def test_stop_strings_end_rows_at_the_same_place_on_both_paths(tiny):
     (dict(hidden_size=80), "hidden_size 80"),
     (dict(intermediate_size=100), "intermediate_size 100"),
 ])
-def test_config_fields_the_c_step_does_not_implement_are_named(fields, reason):
-    config = LaFormerConfig(**CONFIG)
+def test_config_fields_the_c_step_does_not_implement_are_named(tiny_config, fields, reason):
+    config = tiny_config(**CONFIG)
     assert config_problem(config) is None
     for name, value in fields.items():  # after construction: some of these the config itself would refuse
         setattr(config, name, value)
@@ -210,9 +210,9 @@ def test_config_fields_the_c_step_does_not_implement_are_named(fields, reason):
 
 @pytest.mark.parametrize("rope_scaling", [{"rope_type": "linear", "factor": 2.0},
                                           {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}])
-def test_scaled_rotary_embeddings_decode_natively(rope_scaling):
+def test_scaled_rotary_embeddings_decode_natively(tiny_model, rope_scaling):
     """Linear and Llama-3 scaling change only the inverse frequencies, which the C step reads from the model."""
-    model = LaFormerForCausalLM.from_config(LaFormerConfig(**CONFIG, rope_scaling=rope_scaling), seed=0).eval()
+    model = tiny_model(**CONFIG, rope_scaling=rope_scaling)
     ids, mask = mixed_batch(3)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=8)
     assert_decoded_natively(model)

@@ -3,17 +3,23 @@
  * At batch 1 a step is ~120 small matrix-vector products; run from PyTorch, even compiled, the per-op work around
  * them (dispatch, the graph's wrapper, attention calls, one OpenMP fork/join per product) cost about as much as the
  * products. Here the step is one OpenMP parallel region: the threads split each product's output columns and meet
- * at a barrier between dependent phases (five per layer), as llama.cpp does. The matrix products are qgemm.c's
- * column kernels (int8, 4-bit and float32 weights); everything else is small and written out below.
+ * at a barrier between dependent phases (six per layer), as llama.cpp does; the barrier is our own (below). The
+ * matrix products are qgemm.c's column kernels (int8, 4-bit and float32 weights), reading the model's own weights
+ * in place: the q, k and v projections (and gate and up) share one phase, so they need no fused copy. Everything
+ * else is small and written out below.
  *
  * Semantics are the PyTorch engine's (laformer.inference.engine): the static cache (B, Hkv, S, D) is written at
  * column slot[b], attention covers the columns where valid[b] is set (this one included), rotary positions come
- * from position[b], and slot and position advance by one. Layers are pre-norm with fused q/k/v and gate/up
- * projections (laformer.inference.fused), RMSNorm, half-split rotary embeddings, SwiGLU.
+ * from position[b], and slot and position advance by one. Layers are pre-norm, with RMSNorm, half-split rotary
+ * embeddings and SwiGLU.
  */
 #include <math.h>
 #include <omp.h>
+#include <linux/futex.h>
+#include <stdatomic.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "../quantization/qgemm.c"
 
@@ -26,7 +32,7 @@ typedef struct {
 } Linear;
 
 typedef struct {
-    Linear qkv, o, gate_up, down;
+    Linear q, k, v, o, gate, up, down; /* q, k, v (and gate, up) share bits, group size and int8_activations */
     const float *input_norm, *post_norm;
     float *keys, *values; /* (B, Hkv, S, D) */
     int64_t sparse;       /* nonzero: the model's sparse attention (AMA) attends for this layer */
@@ -64,15 +70,16 @@ typedef struct {
 
 /* Bumped with every change to the meaning of a struct or function here (their layout is checked at load as well);
    ABI_VERSION in inference/native_step.py. */
-int laformer_decode_abi_version(void) { return 4; }
+int laformer_decode_abi_version(void) { return 5; }
 
 int laformer_decode_layout(char *out, int capacity) {
     LAYOUT_BEGIN
     LAYOUT_STRUCT(Linear) LAYOUT_FIELD(Linear, w) LAYOUT_FIELD(Linear, scales) LAYOUT_FIELD(Linear, mins)
     LAYOUT_FIELD(Linear, bits) LAYOUT_FIELD(Linear, n) LAYOUT_FIELD(Linear, k) LAYOUT_FIELD(Linear, g)
     LAYOUT_FIELD(Linear, int8_activations)
-    LAYOUT_STRUCT(Layer) LAYOUT_FIELD(Layer, qkv) LAYOUT_FIELD(Layer, o) LAYOUT_FIELD(Layer, gate_up)
-    LAYOUT_FIELD(Layer, down) LAYOUT_FIELD(Layer, input_norm) LAYOUT_FIELD(Layer, post_norm)
+    LAYOUT_STRUCT(Layer) LAYOUT_FIELD(Layer, q) LAYOUT_FIELD(Layer, k) LAYOUT_FIELD(Layer, v)
+    LAYOUT_FIELD(Layer, o) LAYOUT_FIELD(Layer, gate) LAYOUT_FIELD(Layer, up) LAYOUT_FIELD(Layer, down)
+    LAYOUT_FIELD(Layer, input_norm) LAYOUT_FIELD(Layer, post_norm)
     LAYOUT_FIELD(Layer, keys) LAYOUT_FIELD(Layer, values) LAYOUT_FIELD(Layer, sparse)
     LAYOUT_STRUCT(Model) LAYOUT_FIELD(Model, layers) LAYOUT_FIELD(Model, hidden) LAYOUT_FIELD(Model, heads)
     LAYOUT_FIELD(Model, kv_heads) LAYOUT_FIELD(Model, head_dim) LAYOUT_FIELD(Model, ffn) LAYOUT_FIELD(Model, vocab)
@@ -82,6 +89,55 @@ int laformer_decode_layout(char *out, int capacity) {
     LAYOUT_STRUCT(Step) LAYOUT_FIELD(Step, tokens) LAYOUT_FIELD(Step, slot) LAYOUT_FIELD(Step, position)
     LAYOUT_FIELD(Step, valid) LAYOUT_FIELD(Step, logits) LAYOUT_FIELD(Step, scratch) LAYOUT_FIELD(Step, threads)
     LAYOUT_END
+}
+
+/* The team's barrier between phases. A waiting thread spins (pause) for a while, then sleeps on a futex until the
+   last thread arrives, which wakes sleepers only if there are any. An OpenMP barrier under OMP_WAIT_POLICY=PASSIVE
+   sleeps at once, and ~180 sleeps and wake-ups per step cost as much as the step's arithmetic on an idle machine;
+   one that only spins (ACTIVE, llama.cpp's) burns the core that the awaited thread needs on a loaded one. So the
+   spin adapts: a wait that the spin covered lets the next spin be longer (up to SPIN_MAX cycles, ~20 us, about a
+   phase's imbalance), one that had to sleep halves it. */
+enum { SPIN_MAX = 60000, SPIN_MIN = 500 };
+static atomic_int spin_budget = SPIN_MAX; /* shared by every team: the machine's load is what it tracks */
+
+typedef struct {
+    atomic_int arrived, phase, sleepers;
+    int threads;
+} Barrier;
+
+static void barrier_wait(Barrier *b) {
+    if (b->threads == 1) return;
+    const int phase = atomic_load(&b->phase);
+    if (atomic_fetch_add(&b->arrived, 1) == b->threads - 1) {
+        atomic_store(&b->arrived, 0);
+        atomic_store(&b->phase, phase + 1);
+        if (atomic_load(&b->sleepers)) syscall(SYS_futex, &b->phase, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+        return;
+    }
+    const int budget = atomic_load_explicit(&spin_budget, memory_order_relaxed);
+    const uint64_t start = __rdtsc();
+    while (atomic_load_explicit(&b->phase, memory_order_acquire) == phase) {
+        if (__rdtsc() - start < (uint64_t)budget) {
+            _mm_pause();
+            continue;
+        }
+        atomic_store_explicit(&spin_budget, budget / 2 > SPIN_MIN ? budget / 2 : SPIN_MIN, memory_order_relaxed);
+        atomic_fetch_add(&b->sleepers, 1); /* seq_cst: either the last thread sees it, or we see the new phase */
+        while (atomic_load(&b->phase) == phase)
+            syscall(SYS_futex, &b->phase, FUTEX_WAIT_PRIVATE, phase, NULL, NULL, 0);
+        atomic_fetch_sub(&b->sleepers, 1);
+        return;
+    }
+    if (budget < SPIN_MAX)
+        atomic_store_explicit(&spin_budget, budget + SPIN_MAX / 16 < SPIN_MAX ? budget + SPIN_MAX / 16 : SPIN_MAX,
+                              memory_order_relaxed);
+}
+
+/* This thread's share [*u0, *u1) of n work items. */
+static void share(int64_t n, int64_t *u0, int64_t *u1) {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    *u0 = n * t / T;
+    *u1 = n * (t + 1) / T;
 }
 
 enum { STORE, ADD_TO, SWIGLU };
@@ -97,38 +153,46 @@ static void norm_rows(const float *x, const float *weight, float *out, int64_t r
     }
 }
 
-/* y = x @ W^T split by output column across the team (a contiguous range per thread), with the consumer of each
-   column fused in: STORE leaves y; ADD_TO adds y to out (the residual stream); SWIGLU treats the first and second
-   halves of the columns as gate and up and writes silu(gate) * up to out. Ends at a barrier. */
-static void project(const Linear *L, const float *x, int64_t rows, float *y, float *out, int how, void *scratch) {
+/* y = x @ [W_0; W_1; ...]^T for the `count` linears of one phase (q, k, v; gate, up; or one), side by side in y
+   (row stride the sum of their widths), each split by output column across the team (a contiguous range per
+   thread), with the consumer of each column fused in: STORE leaves y; ADD_TO adds y to out (the residual stream,
+   one linear); SWIGLU takes the two linears as gate and up and writes silu(gate) * up to out. Ends at a barrier. */
+static void project(const Linear *const *L, int count, const float *x, int64_t rows, float *y, float *out, int how,
+                    void *scratch, Barrier *barrier) {
     /* Quantized weights multiply int8 activations (qgemm.c) or, without int8_activations, the float x (4-bit
        weights with its group sums); each thread rounds or sums its own copy, which costs less than a barrier. Float
-       weights read x. */
+       weights read x. The linears of one phase share bits, K, G and int8_activations (native_step.py checks). */
+    const Linear *first = L[0];
     Blocks a = {0};
     float *xsum = NULL;
-    if (L->bits != 32 && L->int8_activations) {
-        a = quantize_rows(x, rows, L->k, L->g, scratch);
-    } else if (L->mins) {
+    if (first->bits != 32 && first->int8_activations) {
+        a = quantize_rows(x, rows, first->k, first->g, scratch);
+    } else if (first->mins) {
         xsum = (float *)scratch; /* rows * K / G floats: fits, G >= 32 */
-        group_sums(x, rows, L->k, L->g, xsum);
+        group_sums(x, rows, first->k, first->g, xsum);
     }
-    const int64_t N = L->n, columns = how == SWIGLU ? N / 2 : N;
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t n0 = columns * t / T, n1 = columns * (t + 1) / T;
-    qgemm_columns((int)L->bits, x, xsum, a, L->w, L->scales, L->mins, y, rows, n0, n1, N, L->k, L->g);
+    int64_t N = 0;
+    for (int i = 0; i < count; i++) N += L[i]->n;
+    for (int i = 0, offset = 0; i < count; offset += (int)L[i]->n, i++) {
+        int64_t n0, n1;
+        share(L[i]->n, &n0, &n1);
+        qgemm_columns((int)L[i]->bits, x, xsum, a, L[i]->w, L[i]->scales, L[i]->mins, y + offset, rows, n0, n1, N,
+                      L[i]->k, L[i]->g);
+    }
+    int64_t n0, n1;
+    share(L[0]->n, &n0, &n1);
     if (how == SWIGLU) {
-        qgemm_columns((int)L->bits, x, xsum, a, L->w, L->scales, L->mins, y, rows, n0 + columns, n1 + columns, N, L->k,
-                      L->g);
+        const int64_t F = L[0]->n;
         for (int64_t b = 0; b < rows; b++)
             for (int64_t n = n0; n < n1; n++) {
-                const float gate = y[b * N + n], up = y[b * N + n + columns];
-                out[b * columns + n] = gate / (1.f + expf(-gate)) * up;
+                const float gate = y[b * N + n], up = y[b * N + n + F];
+                out[b * F + n] = gate / (1.f + expf(-gate)) * up;
             }
     } else if (how == ADD_TO) {
         for (int64_t b = 0; b < rows; b++)
             for (int64_t n = n0; n < n1; n++) out[b * N + n] += y[b * N + n];
     }
-#pragma omp barrier
+    barrier_wait(barrier);
 }
 
 /* Half-split rotary embedding (Hugging Face layout) of one head. */
@@ -178,7 +242,8 @@ static int64_t max3(int64_t a, int64_t b, int64_t c) { return a > b ? (a > c ? a
 static void scratch_layout(const Model *m, int64_t *shared, int64_t *own, int64_t *widest) {
     const int64_t B = m->batch, d = m->hidden, D = m->head_dim, H = m->heads, Hkv = m->kv_heads;
     const Layer *first = &m->layer[0];
-    *widest = max3(m->head.n, first->qkv.n, first->gate_up.n); /* the widest projection; o and down give d */
+    /* the widest phase's output; o and down give d */
+    *widest = max3(m->head.n, first->q.n + first->k.n + first->v.n, first->gate.n + first->up.n);
     *shared = B * (d + (H + 2 * Hkv) * D + H * D + m->ffn + *widest + D);
     *own = B * d + m->cache_len + D + (blocks_bytes(B, max3(d, m->ffn, H * D)) + 3) / 4;
 }
@@ -226,45 +291,53 @@ int laformer_decode_step(const Model *m, const Step *step) {
         while (limit[b] > 0 && !valid[b * S + limit[b] - 1]) limit[b]--;
     }
 
+    Barrier barrier = {0, 0, 0, threads};
 #pragma omp parallel num_threads(threads)
     {
         float *h = scratch + shared + omp_get_thread_num() * own;
         float *scores = h + B * d, *q = scores + S, *own_blocks = q + D;
+        int64_t u0, u1;
+        if (omp_get_thread_num() == 0) barrier.threads = omp_get_num_threads(); /* the team OpenMP gave us */
+#pragma omp barrier
         for (int64_t l = 0; l < m->layers; l++) {
             const Layer *L = &m->layer[l];
+            const Linear *qkv_[] = {&L->q, &L->k, &L->v}, *o_[] = {&L->o}, *gate_up_[] = {&L->gate, &L->up},
+                         *down_[] = {&L->down};
             norm_rows(x, L->input_norm, h, B, d, m->eps);
-            project(&L->qkv, h, B, qkv, NULL, STORE, own_blocks);
-#pragma omp for schedule(static)
-            for (int64_t u = 0; u < B * Hkv; u++) { /* the new key (rotated) and value into the cache */
+            project(qkv_, 3, h, B, qkv, NULL, STORE, own_blocks, &barrier);
+            share(B * Hkv, &u0, &u1);
+            for (int64_t u = u0; u < u1; u++) { /* the new key (rotated) and value into the cache */
                 const int64_t b = u / Hkv, g = u % Hkv, column = ((b * Hkv + g) * S + slot[b]) * D;
                 rotate(qkv + b * QKV + (H + g) * D, rope + b * D, rope + b * D + D / 2, L->keys + column, D);
                 memcpy(L->values + column, qkv + b * QKV + (H + Hkv + g) * D, sizeof(float) * D);
             }
+            barrier_wait(&barrier);
+            share(B * H, &u0, &u1);
             if (L->sparse) { /* queries rotated in place, then the sparse attention over the lockstep rows */
-#pragma omp for schedule(static)
-                for (int64_t u = 0; u < B * H; u++) {
+                for (int64_t u = u0; u < u1; u++) {
                     float *qh = qkv + (u / H) * QKV + (u % H) * D;
                     rotate(qh, rope + (u / H) * D, rope + (u / H) * D + D / 2, qh, D);
                 }
+                barrier_wait(&barrier);
                 m->sparse(m->sparse_context, l, qkv, QKV, valid, S, lockstep, attn, omp_get_thread_num(),
                           omp_get_num_threads());
-#pragma omp barrier
             } else {
-#pragma omp for schedule(static)
-                for (int64_t u = 0; u < B * H; u++) {
+                for (int64_t u = u0; u < u1; u++) {
                     const int64_t b = u / H, head = u % H, cache = (b * Hkv + head / group) * S * D;
                     rotate(qkv + b * QKV + head * D, rope + b * D, rope + b * D + D / 2, q, D);
                     attend(q, L->keys + cache, L->values + cache, valid + b * S, limit[b], D, scores,
                            attn + (b * H + head) * D);
                 }
             }
-            project(&L->o, attn, B, y, x, ADD_TO, own_blocks);
+            barrier_wait(&barrier);
+            project(o_, 1, attn, B, y, x, ADD_TO, own_blocks, &barrier);
             norm_rows(x, L->post_norm, h, B, d, m->eps);
-            project(&L->gate_up, h, B, y, act, SWIGLU, own_blocks);
-            project(&L->down, act, B, y, x, ADD_TO, own_blocks);
+            project(gate_up_, 2, h, B, y, act, SWIGLU, own_blocks, &barrier);
+            project(down_, 1, act, B, y, x, ADD_TO, own_blocks, &barrier);
         }
+        const Linear *head_[] = {&m->head};
         norm_rows(x, m->final_norm, h, B, d, m->eps);
-        project(&m->head, h, B, logits, NULL, STORE, own_blocks);
+        project(head_, 1, h, B, logits, NULL, STORE, own_blocks, &barrier);
     }
 
     for (int64_t b = 0; b < B; b++) {

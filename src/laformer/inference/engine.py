@@ -13,8 +13,8 @@ the model's own forward (``model.py``) for prefill and for its PyTorch step, ove
 - attention backends that read the keys as one contiguous sequence (AMA's slices, ``contiguous_keys = True``)
   decode in lockstep instead: the cache stays in append mode, every row one column further per step;
 - for a plain model on the CPU (float32, int8 or 4-bit weights, exact attention) a step is one native call
-  (``laformer.inference.native_step``) over the engine's own fused copy of the projections (``FusedView``); the
-  model is never changed. ``path`` says which step runs, ``native_problem`` why the native one does not.
+  (``laformer.inference.native_step``) that reads the model's own weights in place; the model is never changed.
+  ``path`` says which step runs, ``native_problem`` why the native one does not.
 
 A prompt that starts with tokens whose keys a row still holds (the previous turn of a chat, a shared system prompt)
 reuses them: only the new suffix is prefilled (``prefill`` at batch 1, ``prefill_row``).
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from laformer.errors import GenerationError
-from laformer.inference.fused import FusedView
 from laformer.inference.native_step import NativeStep
 from laformer.inference.static_cache import StaticKVCache
+from laformer.quantization import kernels
 
 CACHE_GRANULARITY = 64  # cache lengths are rounded up to this, so nearby request sizes reuse one compiled step
 
@@ -59,8 +59,7 @@ class DecodeEngine:
         self.native = native
         self.native_problem: str | None = None if native else "turned off (native=False)"
         self._native_step: NativeStep | None = None
-        self._view: FusedView | None = None
-        self._weights: tuple | None = None  # what the view and the cached keys were computed from
+        self._weights: tuple | None = None  # what the cached keys were computed from
         self._backends: tuple | None = None  # ... and with which attention
         self._lockstep = False  # every row at the same column, cache in append mode
         # Per row, the ids whose keys fill its first columns (the prefix cache); None where the columns hold
@@ -103,8 +102,8 @@ class DecodeEngine:
             )
         length = self.max_length or -(-max_length // CACHE_GRANULARITY) * CACHE_GRANULARITY
         weights, backends = _weights_key(self.model), _backends_key(self.model)
-        if weights != self._weights:  # new weights: the fused copy and the held keys are stale
-            self._weights, self._view, self._held = weights, None, []
+        if weights != self._weights:  # new weights: the held keys are stale
+            self._weights, self._held = weights, []
         if backends != self._backends:  # another attention computed the held keys
             self._backends, self._held = backends, []
         cache = self.cache
@@ -123,9 +122,7 @@ class DecodeEngine:
         self._lockstep = True
         self._native_step = None
         if self.native:  # checked per batch: the batch size, the cache or the model's attention may have changed
-            if self._view is None:
-                self._view = FusedView.create(self.model)
-            step = self._view if isinstance(self._view, str) else NativeStep.create(self._view, self.cache)
+            step = NativeStep.create(self.model, self.cache)
             self._native_step, self.native_problem = (step, None) if isinstance(step, NativeStep) else (None, step)
 
     @torch.inference_mode()
@@ -241,6 +238,7 @@ class DecodeEngine:
         return out.logits[:, -1].float()
 
     def _compile_with_fallback(self, step: Callable) -> Callable:
+        kernels.mark_constant_for_compile()
         compiled = torch.compile(step, fullgraph=True, dynamic=False)
 
         def first_call(tokens: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from laformer.quantization.kernels import CFLAGS, HEADER
 from laformer.quantization.kernels import SOURCE as QGEMM_SOURCE
 
 SOURCE = Path(__file__).with_name("decode_step.c")
-ABI_VERSION = 4  # laformer_decode_abi_version() in decode_step.c
+ABI_VERSION = 5  # laformer_decode_abi_version() in decode_step.c
 # Rotary types that change only the inverse frequencies, which the step reads from the model's rotary buffer.
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -50,7 +50,7 @@ class _Linear(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+    _fields_ = [(name, _Linear) for name in ("q", "k", "v", "o", "gate", "up", "down")] + [
                 ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
                 ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("sparse", ctypes.c_int64)]
 
@@ -149,6 +149,13 @@ def _linear_problem(module: nn.Module, name: str, shape: tuple[int, int]) -> str
     return None
 
 
+def _arithmetic(module: nn.Module) -> tuple:
+    """What a projection's input rounding depends on: the linears of one phase must agree on it."""
+    if isinstance(module, QuantizedLinear):
+        return module.bits, module.group_size, bool(module.int8_activations), module._mins() is not None
+    return (32,)
+
+
 def _describe(module: nn.Module) -> _Linear:
     if isinstance(module, QuantizedLinear):
         mins = module._mins()
@@ -176,7 +183,7 @@ def _sparse_problem(backend, model: nn.Module, cache: StaticKVCache, layer: int)
 
 
 class NativeStep:
-    """Decodes one token per row of ``cache`` for ``model`` (a fused ``LaFormerForCausalLM``) in one native call.
+    """Decodes one token per row of ``cache`` for ``model`` (a ``LaFormerForCausalLM``) in one native call.
 
     Build it with ``NativeStep.create(model, cache)``, which checks the model first; it holds raw pointers to the
     model's tensors and the cache's buffers, so build a new one when either is replaced.
@@ -210,20 +217,22 @@ class NativeStep:
             return "the cache's heads or head_dim differ from the config's"
         for i, layer in enumerate(decoder.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            if not all(hasattr(attn, n) for n in ("qkv_proj", "o_proj")) or not hasattr(mlp, "gate_up_proj"):
-                return f"layer {i} has no fused qkv_proj/gate_up_proj (pass the engine's FusedView)"
             if attn.backend is not sdpa_attention and (problem := _sparse_problem(attn.backend, model, cache, i)):
                 return problem
             if problem := _norm_problem((layer.input_layernorm, layer.post_attention_layernorm), config,
                                         f"layer {i}"):
                 return problem
-            shapes = {"qkv_proj": ((H + 2 * Hkv) * D, d), "o_proj": (d, H * D)}
+            shapes = {"q_proj": (H * D, d), "k_proj": (Hkv * D, d), "v_proj": (Hkv * D, d), "o_proj": (d, H * D)}
             for name, shape in shapes.items():
-                if problem := _linear_problem(getattr(attn, name), f"layer {i} {name}", shape):
+                if problem := _linear_problem(getattr(attn, name, None), f"layer {i} {name}", shape):
                     return problem
-            for name, shape in {"gate_up_proj": (2 * F, d), "down_proj": (d, F)}.items():
-                if problem := _linear_problem(getattr(mlp, name), f"layer {i} {name}", shape):
+            for name, shape in {"gate_proj": (F, d), "up_proj": (F, d), "down_proj": (d, F)}.items():
+                if problem := _linear_problem(getattr(mlp, name, None), f"layer {i} {name}", shape):
                     return problem
+            for names, where in ((("q_proj", "k_proj", "v_proj"), attn), (("gate_proj", "up_proj"), mlp)):
+                if len({_arithmetic(getattr(where, n)) for n in names}) > 1:
+                    return (f"layer {i}'s {'/'.join(names)} are quantized differently (the native step runs them "
+                            "as one phase over one rounding of their input)")
         if problem := _norm_problem((decoder.norm,), config, "the final norm"):
             return problem
         return _linear_problem(model.lm_head, "lm_head", (model.lm_head.out_features, d))
@@ -241,8 +250,8 @@ class NativeStep:
         # never leave the C code reading freed memory; the engine rebuilds this step at each new batch anyway.
         self._held = [*model.parameters(), *model.buffers(), *cache.keys, *cache.values]
         layers = [
-            _Layer(_describe(layer.self_attn.qkv_proj), _describe(layer.self_attn.o_proj),
-                   _describe(layer.mlp.gate_up_proj), _describe(layer.mlp.down_proj),
+            _Layer(*(_describe(getattr(layer.self_attn, f"{n}_proj")) for n in "qkvo"),
+                   *(_describe(getattr(layer.mlp, f"{n}_proj")) for n in ("gate", "up", "down")),
                    layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                    keys.data_ptr(), values.data_ptr(), int(i in sparse_layers))
             for i, (layer, keys, values) in enumerate(zip(decoder.layers, cache.keys, cache.values))

@@ -78,11 +78,12 @@ def _(x, qweight, scales, mins, bits, group_size):
 
 def _load_native() -> None:
     """Build ``qgemm_op.cpp`` against this torch and register it as the operator's CPU kernel."""
-    from torch.utils import cpp_extension
-
-    torch_lib = cpp_extension.library_paths()[0]
+    # The paths torch.utils.cpp_extension gives a CPU build, without importing it: it pulls in setuptools, about a
+    # second that every process's first quantized generate paid even with the operator already built.
+    root = Path(torch.__file__).parent
+    torch_lib, includes = root / "lib", (root / "include", root / "include" / "torch" / "csrc" / "api" / "include")
     flags = [*CFLAGS, "-std=c++17", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-             *(f"-I{path}" for path in cpp_extension.include_paths()), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}",
+             *(f"-I{path}" for path in includes), f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}",
              "-lc10", "-ltorch_cpu"]
     library = native.build(OP_SOURCE, flags, depends=(SOURCE, HEADER), cxx=True, tag=torch.__version__,
                            name="qgemm-op")
@@ -138,10 +139,17 @@ def backend() -> str | None:
     return "ctypes"
 
 
-@torch.compiler.assume_constant_result  # read once while tracing, so a compiled step never calls it
 def available() -> bool:
     """True when the kernel can be used on this machine (builds and registers it on first call)."""
     return backend() is not None
+
+
+def mark_constant_for_compile() -> None:
+    """Let ``torch.compile`` read ``available()`` and ``int8_rows_available()`` once while tracing, so a compiled
+    step never calls them. Whoever compiles calls this first (the engine does): marking imports ``torch._dynamo``,
+    seconds that importing the kernels (every quantized model, the first ``generate``) should not pay."""
+    for check in (available, int8_rows_available):
+        torch.compiler.assume_constant_result(check)
 
 
 def qgemm(
@@ -169,7 +177,6 @@ def _rows_library() -> ctypes.CDLL | None:
     return library
 
 
-@torch.compiler.assume_constant_result
 def int8_rows_available() -> bool:
     """True when ``round_rows`` and ``scale_products`` can run here (builds ``int8_rows.c`` on first call)."""
     return _rows_library() is not None
