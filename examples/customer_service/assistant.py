@@ -302,8 +302,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "train":
         args.threshold = 0.5 if args.threshold is None else args.threshold
-        if not (args.data / "train.jsonl").is_file():
-            parser.error(f"BANKING77 not found in {args.data} (needs train.jsonl, validation.jsonl); pass --data")
+        missing = [split for split in ("train.jsonl", "validation.jsonl") if not (args.data / split).is_file()]
+        if missing:
+            parser.error(f"BANKING77 not found: {args.data} lacks {', '.join(missing)}; pass --data (the folder "
+                         "with train.jsonl and validation.jsonl)")
+        if not args.answers.is_file():
+            parser.error(f"answer base {args.answers} does not exist; pass --answers (JSONL of {{intent, answer}})")
     elif not (args.output / "assistant.json").is_file():
         parser.error(f"{args.output} holds no trained assistant; run `assistant.py train --output {args.output}` first")
     return args

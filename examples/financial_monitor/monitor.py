@@ -391,10 +391,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="a fine-tuned classifier folder (run's output/classifier)")
     cmd.set_defaults(func=watch)
     args = parser.parse_args(argv)
-    if args.command == "run" and not (args.data / "train.jsonl").is_file():
-        parser.error(f"Financial PhraseBank not found in {args.data} (needs train.jsonl, validation.jsonl); pass --data")
+    missing = [split for split in ("train.jsonl", "validation.jsonl")
+               if args.command == "run" and not (args.data / split).is_file()]
+    if missing:
+        parser.error(f"Financial PhraseBank not found: {args.data} lacks {', '.join(missing)}; pass --data (the "
+                     "folder with train.jsonl and validation.jsonl)")
     if args.command == "watch" and args.stream != "-" and not Path(args.stream).is_file():
         parser.error(f"stream file {args.stream} does not exist")
+    if args.command == "watch" and not (args.classifier / "laformer_finetune.json").is_file():
+        parser.error(f"{args.classifier} holds no fine-tuned classifier; run `monitor.py run` first or pass --classifier")
     return args
 
 

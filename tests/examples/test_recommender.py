@@ -35,3 +35,12 @@ def test_recommender_names_missing_data(load_example, tmp_path, capsys):
     with pytest.raises(SystemExit):
         recommend.main(["--data", str(tmp_path)])
     assert "AG News not found" in capsys.readouterr().err
+
+
+def test_recommender_names_missing_extra(load_example, monkeypatch):
+    from laformer.extras import MissingExtraError
+
+    recommend = load_example("recommender/recommend.py")
+    monkeypatch.setitem(__import__("sys").modules, "sklearn", None)  # as if scikit-learn were not installed
+    with pytest.raises(MissingExtraError, match=r'pip install "laformer\[train\]"'):
+        recommend.build_catalog(["a b", "a c"], ["World", "World"], per_topic=1, seed=0)
