@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from laformer import DEFAULT_MODEL, LaFormerError, LaFormerForCausalLM, LaFormerTokenizer
 from laformer.extras import require
@@ -61,12 +62,18 @@ def answer_documents(answers: dict[str, str]) -> list[str]:
     return [f"{intent.replace('_', ' ').strip('?')}: {text}" for intent, text in answers.items()]
 
 
+def chunked(work, texts: list[str], desc: str, size: int = 128) -> list:
+    """``work`` over ``texts`` in chunks of ``size``, with a tqdm bar: the full validation split takes minutes."""
+    parts = [work(texts[i : i + size]) for i in tqdm(range(0, len(texts), size), desc=desc, unit="chunk")]
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [x for part in parts for x in part]
+
+
 def answer_index(generator, tokenizer, answers: dict[str, str], examples: dict[str, list[str]]) -> torch.Tensor:
     """One key per intent: the normalised mean of its answer's embedding and of its example questions'."""
     docs = answer_documents(answers)
     answer_vectors = generator.encode(docs, tokenizer, batch_size=32, max_length=96)
     keys = []
-    for row, intent in enumerate(answers):
+    for row, intent in enumerate(tqdm(answers, desc="indexing answers", unit="intent")):
         questions = examples.get(intent, [])
         vectors = generator.encode(questions, tokenizer, batch_size=32, max_length=64) if questions else answer_vectors[:0]
         keys.append(torch.cat([answer_vectors[row : row + 1], vectors]).mean(0))
@@ -189,11 +196,13 @@ def evaluate(args: argparse.Namespace, output: Path, answers: dict[str, str], ge
     texts, labels = sample(*load_classification_data(args.data / "validation.jsonl"), args.eval_examples, args.seed)
     classifier, cls_tokenizer, meta = load_finetuned(output / "classifier")
     print(f"evaluating on {len(texts)} validation questions")
-    predictions = classify(classifier, cls_tokenizer, texts, batch_size=32, max_length=meta["max_length"])
+    predictions = chunked(lambda chunk: classify(classifier, cls_tokenizer, chunk, batch_size=32,
+                                                 max_length=meta["max_length"]), texts, "classifying")
     predicted = [p["label"] for p in predictions]
     intents = list(answers)
     truth = torch.tensor([intents.index(label) for label in labels])
-    questions = generator.encode(texts, tokenizer, batch_size=32, max_length=64)
+    questions = chunked(lambda chunk: generator.encode(chunk, tokenizer, batch_size=32, max_length=64), texts,
+                        "embedding questions")
     answer_only = torch.nn.functional.normalize(generator.encode(answer_documents(answers), tokenizer, max_length=96), dim=-1)
     indexed = questions @ torch.load(output / "answer_index.pt").T
     unsure = [p["score"] < args.threshold for p in predictions]
@@ -217,7 +226,7 @@ def evaluate(args: argparse.Namespace, output: Path, answers: dict[str, str], ge
 def demo_transcript(output: Path, threshold: float, count: int, max_new_tokens: int) -> str:
     assistant = Assistant(output, threshold, max_new_tokens)
     lines = ["# Customer-service assistant: sample conversation", ""]
-    for question in DEMO_QUESTIONS[:count]:
+    for question in tqdm(DEMO_QUESTIONS[:count], desc="sample replies", unit="reply"):
         r = assistant.reply(question)
         lines += [f"**Customer:** {r.question}", "",
                   f"*intent `{r.intent}` (confidence {r.confidence:.2f}, via {r.source})*", "",
