@@ -229,6 +229,19 @@ def load_catalog(path: Path, limit: int, args: argparse.Namespace) -> Catalog:
     return build_catalog(texts, topics, args.subtopics, args.seed)
 
 
+def reranker_base(args: argparse.Namespace, output: Path) -> str | Path:
+    """The model the re-ranker is fine-tuned from: the first ``--reranker-layers`` layers of ``--model``.
+
+    It scores ``--candidates`` texts per reader, so it is kept small; the cut keeps the real embeddings and
+    tokenizer, and 0 keeps every layer."""
+    if not args.reranker_layers:
+        return args.model
+    folder = output / "reranker_base"
+    LaFormerForCausalLM.from_pretrained(args.model, num_hidden_layers=args.reranker_layers).save_pretrained(folder)
+    LaFormerTokenizer.from_pretrained(args.model).save_pretrained(folder)
+    return folder
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     output = args.output
@@ -244,12 +257,13 @@ def run(args: argparse.Namespace) -> dict:
     pairs = reranker_pairs(train_catalog, train_items, train_readers, args.candidates, args.evidence, args.seed)
     pairs_file = output / "reranker_pairs.jsonl"
     pairs_file.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
-    print(f"fine-tuning the re-ranker ({args.model}, LoRA) on {len(pairs)} pairs from {len(train_readers)} "
+    layers = f"first {args.reranker_layers} layers of " if args.reranker_layers else ""
+    print(f"fine-tuning the re-ranker ({layers}{args.model}, LoRA) on {len(pairs)} pairs from {len(train_readers)} "
           f"simulated readers of {len(train_catalog.texts)} training articles, {args.steps} steps")
     training = TrainingArguments(output_dir=str(output / "reranker"), learning_rate=args.lr, max_steps=args.steps,
                                  batch_size=args.batch_size, warmup_ratio=0.1, report_to=[], logging_steps=10,
                                  seed=args.seed)
-    finetune_classification(pairs_file, training, model_name=args.model, method="lora",
+    finetune_classification(pairs_file, training, model_name=reranker_base(args, output), method="lora",
                             peft_options={"r": 8, "lora_alpha": 16}, max_length=args.max_length)
     reranker, reranker_tokenizer, meta = load_finetuned(output / "reranker")
 
@@ -345,7 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model (embeddings and re-ranker)")
     parser.add_argument("--articles", type=int, default=0, help="validation articles in the catalog (0: all)")
     parser.add_argument("--readers", type=int, default=100, help="simulated readers evaluated")
-    parser.add_argument("--train-articles", type=int, default=1000, help="training articles the re-ranker's readers read")
+    parser.add_argument("--train-articles", type=int, default=600, help="training articles the re-ranker's readers read")
     parser.add_argument("--train-readers", type=int, default=300, help="simulated readers the re-ranker learns from")
     parser.add_argument("--subtopics", type=int, default=6, help="subtopics per AG News topic")
     parser.add_argument("--interests", type=int, default=3, help="subtopics mixed in each reader's interest")
@@ -353,6 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=4, help="articles of each history hidden and evaluated")
     parser.add_argument("--candidates", type=int, default=20, help="embedding shortlist the re-ranker re-orders")
     parser.add_argument("--evidence", type=int, default=3, help="read articles (nearest the candidate) the re-ranker sees")
+    parser.add_argument("--reranker-layers", type=int, default=6,
+                        help="layers of --model kept for the re-ranker (0: all); it scores every shortlisted article")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=80)
