@@ -43,6 +43,9 @@ def test_recommender_names_missing_extra(load_example, monkeypatch):
     from laformer.extras import MissingExtraError
 
     recommend = load_example("recommender/recommend.py")
-    monkeypatch.setitem(__import__("sys").modules, "sklearn", None)  # as if scikit-learn were not installed
+    import sys
+
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")] + ["sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if scikit-learn were not installed, even once imported
     with pytest.raises(MissingExtraError, match=r'pip install "laformer\[train\]"'):
         recommend.build_catalog(["a b", "a c"], ["World", "World"], per_topic=1, seed=0)
