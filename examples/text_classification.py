@@ -18,11 +18,11 @@ import random
 from pathlib import Path
 
 import torch
-from sklearn.metrics import classification_report
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from laformer import DEFAULT_MODEL, LaFormerForSequenceClassification
+from laformer.extras import require
 from laformer.peft import LoraConfig, get_peft_model
 from laformer.tokenizer import LaFormerTokenizer
 
@@ -85,6 +85,7 @@ def evaluate(model, dataloader: DataLoader, id2label: dict[int, str]) -> float:
         preds.extend(logits.argmax(dim=-1).tolist())
         labels.extend(batch["labels"].tolist())
     names = [id2label[i] for i in range(len(id2label))]
+    classification_report = require("sklearn.metrics", "train", "the evaluation report").classification_report
     print(classification_report(labels, preds, labels=list(range(len(names))), target_names=names, digits=4,
                                 zero_division=0))
     return sum(p == y for p, y in zip(preds, labels)) / len(labels)

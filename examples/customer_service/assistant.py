@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from sklearn.metrics import accuracy_score, f1_score
+from tqdm import tqdm
 
 from laformer import DEFAULT_MODEL, LaFormerError, LaFormerForCausalLM, LaFormerTokenizer
 from laformer.extras import require
@@ -62,12 +62,18 @@ def answer_documents(answers: dict[str, str]) -> list[str]:
     return [f"{intent.replace('_', ' ').strip('?')}: {text}" for intent, text in answers.items()]
 
 
+def chunked(work, texts: list[str], desc: str, size: int = 128) -> list:
+    """``work`` over ``texts`` in chunks of ``size``, with a tqdm bar: the full validation split takes minutes."""
+    parts = [work(texts[i : i + size]) for i in tqdm(range(0, len(texts), size), desc=desc, unit="chunk")]
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [x for part in parts for x in part]
+
+
 def answer_index(generator, tokenizer, answers: dict[str, str], examples: dict[str, list[str]]) -> torch.Tensor:
     """One key per intent: the normalised mean of its answer's embedding and of its example questions'."""
     docs = answer_documents(answers)
     answer_vectors = generator.encode(docs, tokenizer, batch_size=32, max_length=96)
     keys = []
-    for row, intent in enumerate(answers):
+    for row, intent in enumerate(tqdm(answers, desc="indexing answers", unit="intent")):
         questions = examples.get(intent, [])
         vectors = generator.encode(questions, tokenizer, batch_size=32, max_length=64) if questions else answer_vectors[:0]
         keys.append(torch.cat([answer_vectors[row : row + 1], vectors]).mean(0))
@@ -124,6 +130,20 @@ def sample(texts: list[str], labels: list[str], limit: int, seed: int) -> tuple[
     return [texts[i] for i in order], [labels[i] for i in order]
 
 
+def accuracy(truth: list[str], predicted: list[str]) -> float:
+    return sum(t == p for t, p in zip(truth, predicted)) / len(truth)
+
+
+def macro_f1(truth: list[str], predicted: list[str]) -> float:
+    """Mean over the labels seen in either list of 2TP / (2TP + FP + FN): scikit-learn's macro-F1, in plain Python."""
+    scores = []
+    for label in sorted(set(truth) | set(predicted)):
+        tp = sum(t == p == label for t, p in zip(truth, predicted))
+        wrong = sum((t == label) != (p == label) for t, p in zip(truth, predicted))
+        scores.append(2 * tp / (2 * tp + wrong))
+    return sum(scores) / len(scores)
+
+
 def recall_at(similarities: torch.Tensor, truth: torch.Tensor, k: int) -> float:
     top = similarities.topk(min(k, similarities.shape[1]), dim=-1).indices
     return float((top == truth[:, None]).any(-1).float().mean())
@@ -176,11 +196,13 @@ def evaluate(args: argparse.Namespace, output: Path, answers: dict[str, str], ge
     texts, labels = sample(*load_classification_data(args.data / "validation.jsonl"), args.eval_examples, args.seed)
     classifier, cls_tokenizer, meta = load_finetuned(output / "classifier")
     print(f"evaluating on {len(texts)} validation questions")
-    predictions = classify(classifier, cls_tokenizer, texts, batch_size=32, max_length=meta["max_length"])
+    predictions = chunked(lambda chunk: classify(classifier, cls_tokenizer, chunk, batch_size=32,
+                                                 max_length=meta["max_length"]), texts, "classifying")
     predicted = [p["label"] for p in predictions]
     intents = list(answers)
     truth = torch.tensor([intents.index(label) for label in labels])
-    questions = generator.encode(texts, tokenizer, batch_size=32, max_length=64)
+    questions = chunked(lambda chunk: generator.encode(chunk, tokenizer, batch_size=32, max_length=64), texts,
+                        "embedding questions")
     answer_only = torch.nn.functional.normalize(generator.encode(answer_documents(answers), tokenizer, max_length=96), dim=-1)
     indexed = questions @ torch.load(output / "answer_index.pt").T
     unsure = [p["score"] < args.threshold for p in predictions]
@@ -189,22 +211,22 @@ def evaluate(args: argparse.Namespace, output: Path, answers: dict[str, str], ge
     majority = max(set(labels), key=labels.count)
     return {
         "validation_questions": len(texts),
-        "intent_accuracy": round(accuracy_score(labels, predicted), 4),
-        "intent_macro_f1": round(f1_score(labels, predicted, average="macro", zero_division=0), 4),
+        "intent_accuracy": round(accuracy(labels, predicted), 4),
+        "intent_macro_f1": round(macro_f1(labels, predicted), 4),
         "majority_baseline_accuracy": round(labels.count(majority) / len(labels), 4),
         "retrieval_answer_only": {"recall@1": round(recall_at(questions @ answer_only.T, truth, 1), 4),
                                   "recall@5": round(recall_at(questions @ answer_only.T, truth, 5), 4)},
         "retrieval_answer_plus_examples": {"recall@1": round(recall_at(indexed, truth, 1), 4),
                                            "recall@5": round(recall_at(indexed, truth, 5), 4)},
         "routed_to_retrieval": round(sum(unsure) / len(unsure), 4),
-        "routed_accuracy": round(accuracy_score(labels, routed), 4),
+        "routed_accuracy": round(accuracy(labels, routed), 4),
     }
 
 
 def demo_transcript(output: Path, threshold: float, count: int, max_new_tokens: int) -> str:
     assistant = Assistant(output, threshold, max_new_tokens)
     lines = ["# Customer-service assistant: sample conversation", ""]
-    for question in DEMO_QUESTIONS[:count]:
+    for question in tqdm(DEMO_QUESTIONS[:count], desc="sample replies", unit="reply"):
         r = assistant.reply(question)
         lines += [f"**Customer:** {r.question}", "",
                   f"*intent `{r.intent}` (confidence {r.confidence:.2f}, via {r.source})*", "",
@@ -289,8 +311,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "train":
         args.threshold = 0.5 if args.threshold is None else args.threshold
-        if not (args.data / "train.jsonl").is_file():
-            parser.error(f"BANKING77 not found in {args.data} (needs train.jsonl, validation.jsonl); pass --data")
+        missing = [split for split in ("train.jsonl", "validation.jsonl") if not (args.data / split).is_file()]
+        if missing:
+            parser.error(f"BANKING77 not found: {args.data} lacks {', '.join(missing)}; pass --data (the folder "
+                         "with train.jsonl and validation.jsonl)")
+        if not args.answers.is_file():
+            parser.error(f"answer base {args.answers} does not exist; pass --answers (JSONL of {{intent, answer}})")
     elif not (args.output / "assistant.json").is_file():
         parser.error(f"{args.output} holds no trained assistant; run `assistant.py train --output {args.output}` first")
     return args

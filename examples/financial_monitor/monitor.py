@@ -30,7 +30,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from sklearn.metrics import accuracy_score, f1_score
 from tqdm import tqdm
 
 from laformer import DEFAULT_MODEL, LaFormerError
@@ -171,6 +170,20 @@ def burst_replay(texts: list[str], labels: list[str], bursts: int, burst_size: i
         rows += mixed
     stream = [{"time": start + i * STEP, "text": t, "label": y} for i, (t, y) in enumerate(rows)]
     return stream, [(stream[a]["time"], stream[b]["time"]) for a, b in spans]
+
+
+def accuracy(truth: list[str], predicted: list[str]) -> float:
+    return sum(t == p for t, p in zip(truth, predicted)) / len(truth)
+
+
+def macro_f1(truth: list[str], predicted: list[str]) -> float:
+    """Mean over the labels seen in either list of 2TP / (2TP + FP + FN): scikit-learn's macro-F1, in plain Python."""
+    scores = []
+    for label in sorted(set(truth) | set(predicted)):
+        tp = sum(t == p == label for t, p in zip(truth, predicted))
+        wrong = sum((t == label) != (p == label) for t, p in zip(truth, predicted))
+        scores.append(2 * tp / (2 * tp + wrong))
+    return sum(scores) / len(scores)
 
 
 def alert_scores(alerts: list[dict], spans: list[tuple[datetime, datetime]], tolerance: timedelta) -> dict:
@@ -321,8 +334,8 @@ def run(args: argparse.Namespace) -> dict:
                         "alert_list": result["alerts"], "by_key": result["by_key"], "plot": result["plot"]}
         if name == "burst_replay":
             truth, predicted = [r["label"] for r in scored], [r["predicted"] for r in scored]
-            report["classifier"] = {"headlines": len(truth), "accuracy": round(accuracy_score(truth, predicted), 4),
-                                    "macro_f1": round(f1_score(truth, predicted, average="macro"), 4)}
+            report["classifier"] = {"headlines": len(truth), "accuracy": round(accuracy(truth, predicted), 4),
+                                    "macro_f1": round(macro_f1(truth, predicted), 4)}
         report[name]["burst_spans"] = [[s.isoformat(), e.isoformat()] for s, e in known]
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
@@ -378,10 +391,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="a fine-tuned classifier folder (run's output/classifier)")
     cmd.set_defaults(func=watch)
     args = parser.parse_args(argv)
-    if args.command == "run" and not (args.data / "train.jsonl").is_file():
-        parser.error(f"Financial PhraseBank not found in {args.data} (needs train.jsonl, validation.jsonl); pass --data")
+    missing = [split for split in ("train.jsonl", "validation.jsonl")
+               if args.command == "run" and not (args.data / split).is_file()]
+    if missing:
+        parser.error(f"Financial PhraseBank not found: {args.data} lacks {', '.join(missing)}; pass --data (the "
+                     "folder with train.jsonl and validation.jsonl)")
     if args.command == "watch" and args.stream != "-" and not Path(args.stream).is_file():
         parser.error(f"stream file {args.stream} does not exist")
+    if args.command == "watch" and not (args.classifier / "laformer_finetune.json").is_file():
+        parser.error(f"{args.classifier} holds no fine-tuned classifier; run `monitor.py run` first or pass --classifier")
     return args
 
 

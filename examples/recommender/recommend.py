@@ -7,13 +7,15 @@ each article is read with probability proportional to (interest in its subtopic)
 log-normal). A reader's history is drawn from that; its last ``--held-out`` articles are hidden and must be
 recommended back.
 
-Three rankings of the catalog for every reader, without the articles already read:
+Four rankings of the catalog for every reader, without the articles already read:
 
 - popularity: how often the other readers read each article (the baseline);
 - embeddings: cosine between the reader's profile (mean ``model.encode`` embedding of the articles read) and
   each article, both centred on the catalog's mean embedding;
 - embeddings -> re-ranker: the embeddings' top ``--candidates`` re-ordered by a classifier fine-tuned with LoRA
-  (laformer's ``finetune_classification``) to predict "read" from (article, reader's recent titles) text;
+  (laformer's ``finetune_classification``) to predict "read" from the text of the article and of the reader's
+  ``--evidence`` read articles nearest to it. It learns on the pairs it will judge: held-out reads ("read")
+  against unread articles of the same reader's embedding shortlist ("skip"), one for one;
 - embeddings + re-ranker (fused): that shortlist ordered by the sum of both stages' standardised scores.
 
 The re-ranker learns from other simulated readers of another catalog (the training split), so it never sees an
@@ -116,24 +118,39 @@ def words(text: str, count: int) -> str:
     return " ".join(text.split()[:count])
 
 
-def pair_text(catalog: Catalog, reader_history: list[int], item: int) -> str:
-    """The re-ranker's input: the candidate first (truncation never cuts it), then the reader's recent titles."""
-    recent = " | ".join(words(catalog.texts[i], 8) for i in reader_history[-4:][::-1])
-    return f"Article: {words(catalog.texts[item], 14)}\nReader recently read: {recent}"
+def pair_text(catalog: Catalog, evidence: list[int], item: int) -> str:
+    """The re-ranker's input: the candidate, then the reader's ``evidence`` (the read articles nearest to it)."""
+    read = " | ".join(words(catalog.texts[i], 8) for i in evidence)
+    return f"Article: {words(catalog.texts[item], 14)}\nThe reader read: {read}"
 
 
-def reranker_pairs(catalog: Catalog, readers: list[Reader], seed: int) -> list[dict]:
-    """(history, held-out article) -> read; as many unread articles -> skip, half of them from the same AG topic."""
+def evidence(items: torch.Tensor, history: list[int], candidates: np.ndarray, count: int) -> list[list[int]]:
+    """For each candidate, the ``count`` articles of ``history`` closest to it by embedding, nearest first.
+
+    A reader's interests are a mixture, so the few titles that fit in the re-ranker's input are the ones that speak
+    for or against this candidate, not the most recent ones (which may all be about another of its interests)."""
+    similarity = items[torch.as_tensor(candidates)] @ items[history].T  # (C, H)
+    nearest = similarity.topk(min(count, len(history)), dim=-1).indices.tolist()
+    return [[history[j] for j in row] for row in nearest]
+
+
+def reranker_pairs(catalog: Catalog, items: torch.Tensor, readers: list[Reader], candidates: int, evidence_count: int,
+                   seed: int) -> list[dict]:
+    """(reader, article) pairs as the re-ranker meets them at test time: the article is a held-out read ("read") or
+    an unread article of the reader's own embedding shortlist ("skip"), one skip per read.
+
+    Skips drawn from the shortlist, not from the whole catalog, because the re-ranker only ever orders a shortlist:
+    random articles are off-topic and teach it what the embeddings already know."""
     rng = random.Random(seed)
+    profiles = torch.nn.functional.normalize(torch.stack([items[r.read].mean(0) for r in readers]), dim=-1)
+    shortlists = np.argsort(-masked((profiles @ items.T).numpy(), readers), axis=1, kind="stable")[:, :candidates]
     pairs = []
-    for reader in readers:
-        seen = set(reader.read) | set(reader.held_out)
-        for item in reader.held_out:
-            same_topic = [i for i, t in enumerate(catalog.topics) if t == catalog.topics[item] and i not in seen]
-            anywhere = [i for i in range(len(catalog.texts)) if i not in seen]
-            for negative in (rng.choice(same_topic or anywhere), rng.choice(anywhere)):
-                pairs.append({"text": pair_text(catalog, reader.read, negative), "label": "skip"})
-            pairs.append({"text": pair_text(catalog, reader.read, item), "label": "read"})
+    for reader, shortlist in zip(readers, shortlists):
+        unread = [int(i) for i in shortlist if i not in set(reader.held_out)]
+        chosen = reader.held_out + rng.sample(unread, min(len(unread), len(reader.held_out)))
+        labels = ["read"] * len(reader.held_out) + ["skip"] * (len(chosen) - len(reader.held_out))
+        for item, near, label in zip(chosen, evidence(items, reader.read, np.array(chosen), evidence_count), labels):
+            pairs.append({"text": pair_text(catalog, near, item), "label": label})
     rng.shuffle(pairs)
     return pairs
 
@@ -167,15 +184,17 @@ def evaluate(scores: np.ndarray, readers: list[Reader]) -> dict[str, float]:
     return {f"recall@{K}": round(float(np.mean(recall)), 4), f"ndcg@{K}": round(float(ndcg_score(truth, scores, k=K)), 4)}
 
 
-def shortlist_scores(embedding_scores: np.ndarray, catalog: Catalog, readers: list[Reader], reranker, tokenizer,
-                     candidates: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def shortlist_scores(embedding_scores: np.ndarray, catalog: Catalog, items: torch.Tensor, readers: list[Reader],
+                     reranker, tokenizer, candidates: int, evidence_count: int,
+                     max_length: int) -> tuple[np.ndarray, np.ndarray]:
     """The re-ranker's P(read) for each reader's top ``candidates`` by embeddings: (shortlists, p_read), both (R, C)."""
     shortlists = np.argsort(-embedding_scores, axis=1, kind="stable")[:, :candidates]
     p_read = np.zeros(shortlists.shape)
     per_call = max(1, 64 // candidates)  # readers per classify call: a few full batches each
     for start in tqdm(range(0, len(readers), per_call), desc="re-ranking", unit="call"):
         rows = range(start, min(start + per_call, len(readers)))
-        texts = [pair_text(catalog, readers[r].read, int(i)) for r in rows for i in shortlists[r]]
+        texts = [pair_text(catalog, near, int(i)) for r in rows
+                 for i, near in zip(shortlists[r], evidence(items, readers[r].read, shortlists[r], evidence_count))]
         scored = classify(reranker, tokenizer, texts, 32, max_length)
         p_read[start : rows.stop] = np.array([p["probabilities"]["read"] for p in scored]).reshape(len(rows), -1)
     return shortlists, p_read
@@ -186,6 +205,14 @@ def reranked(embedding_scores: np.ndarray, shortlists: np.ndarray, shortlist_sco
     out = embedding_scores.copy()
     np.put_along_axis(out, shortlists, 10.0 + shortlist_scores, axis=1)
     return out
+
+
+def auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a held-out article of the shortlist scores above an unread one): 0.5 is a re-ranker that learned nothing."""
+    if not len(positive) or not len(negative):
+        return float("nan")
+    greater = (positive[:, None] > negative[None, :]).mean()
+    return float(greater + 0.5 * (positive[:, None] == negative[None, :]).mean())
 
 
 def standardized(x: np.ndarray) -> np.ndarray:
@@ -202,32 +229,48 @@ def load_catalog(path: Path, limit: int, args: argparse.Namespace) -> Catalog:
     return build_catalog(texts, topics, args.subtopics, args.seed)
 
 
+def reranker_base(args: argparse.Namespace, output: Path) -> str | Path:
+    """The model the re-ranker is fine-tuned from: the first ``--reranker-layers`` layers of ``--model``.
+
+    It scores ``--candidates`` texts per reader, so it is kept small; the cut keeps the real embeddings and
+    tokenizer, and 0 keeps every layer."""
+    if not args.reranker_layers:
+        return args.model
+    folder = output / "reranker_base"
+    LaFormerForCausalLM.from_pretrained(args.model, num_hidden_layers=args.reranker_layers).save_pretrained(folder)
+    LaFormerTokenizer.from_pretrained(args.model).save_pretrained(folder)
+    return folder
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     output = args.output
     output.mkdir(parents=True, exist_ok=True)
     history = args.history + args.held_out
 
+    encoder = LaFormerForCausalLM.from_pretrained(args.model)
+    encoder_tokenizer = LaFormerTokenizer.from_pretrained(args.model)
     train_catalog = load_catalog(args.data / "train.jsonl", args.train_articles, args)
     train_readers = simulate_readers(train_catalog, args.train_readers, history, args.held_out, args.interests,
                                      args.seed + 1)
-    pairs = reranker_pairs(train_catalog, train_readers, args.seed)
+    train_items = embed(encoder, encoder_tokenizer, train_catalog.texts)
+    pairs = reranker_pairs(train_catalog, train_items, train_readers, args.candidates, args.evidence, args.seed)
     pairs_file = output / "reranker_pairs.jsonl"
     pairs_file.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
-    print(f"fine-tuning the re-ranker ({args.model}, LoRA) on {len(pairs)} pairs from {len(train_readers)} "
+    layers = f"first {args.reranker_layers} layers of " if args.reranker_layers else ""
+    print(f"fine-tuning the re-ranker ({layers}{args.model}, LoRA) on {len(pairs)} pairs from {len(train_readers)} "
           f"simulated readers of {len(train_catalog.texts)} training articles, {args.steps} steps")
     training = TrainingArguments(output_dir=str(output / "reranker"), learning_rate=args.lr, max_steps=args.steps,
                                  batch_size=args.batch_size, warmup_ratio=0.1, report_to=[], logging_steps=10,
                                  seed=args.seed)
-    finetune_classification(pairs_file, training, model_name=args.model, method="lora",
+    finetune_classification(pairs_file, training, model_name=reranker_base(args, output), method="lora",
                             peft_options={"r": 8, "lora_alpha": 16}, max_length=args.max_length)
     reranker, reranker_tokenizer, meta = load_finetuned(output / "reranker")
 
     catalog = load_catalog(args.data / "validation.jsonl", args.articles, args)
     readers = simulate_readers(catalog, args.readers, history, args.held_out, args.interests, args.seed + 2)
     print(f"evaluating on {len(readers)} simulated readers of {len(catalog.texts)} validation articles")
-    encoder = LaFormerForCausalLM.from_pretrained(args.model)
-    items = embed(encoder, LaFormerTokenizer.from_pretrained(args.model), catalog.texts)
+    items = embed(encoder, encoder_tokenizer, catalog.texts)
     profiles = torch.nn.functional.normalize(torch.stack([items[r.read].mean(0) for r in readers]), dim=-1)
 
     counts = np.zeros(len(catalog.texts))
@@ -236,8 +279,8 @@ def run(args: argparse.Namespace) -> dict:
     # a reader's own reads are masked anyway, so counting them changes no ranking
     popularity = masked(np.tile(counts, (len(readers), 1)), readers)
     embeddings = masked((profiles @ items.T).numpy(), readers)
-    shortlists, p_read = shortlist_scores(embeddings, catalog, readers, reranker, reranker_tokenizer, args.candidates,
-                                          meta["max_length"])
+    shortlists, p_read = shortlist_scores(embeddings, catalog, items, readers, reranker, reranker_tokenizer,
+                                          args.candidates, args.evidence, meta["max_length"])
     logit = np.log(p_read + 1e-6) - np.log1p(1e-6 - p_read)
     # fused: the first stage's evidence is kept, so a re-ranker that knows little cannot undo a good shortlist
     fused = standardized(np.take_along_axis(embeddings, shortlists, axis=1)) + standardized(logit)
@@ -245,9 +288,13 @@ def run(args: argparse.Namespace) -> dict:
     scores = dict(zip(METHODS, (popularity, embeddings, reranked(embeddings, shortlists, p_read),
                                 reranked(embeddings, shortlists, fused), ceiling)))
     metrics = {name: evaluate(s, readers) for name, s in scores.items()}
+    held = np.array([[int(i) in r.held_out for i in row] for row, r in zip(shortlists, readers)])
 
     report = {"metrics": metrics, "readers": len(readers), "articles": len(catalog.texts),
-              "reranker_pairs": len(pairs), "subtopics": catalog.subtopic_names,
+              "reranker_pairs": len(pairs), "reranker_auc": round(auc(p_read[held], p_read[~held]), 4),
+              "embeddings_auc": round(auc(np.take_along_axis(embeddings, shortlists, 1)[held],
+                                          np.take_along_axis(embeddings, shortlists, 1)[~held]), 4),
+              "shortlist_held_out": int(held.sum()), "subtopics": catalog.subtopic_names,
               "wall_time_s": round(time.perf_counter() - started, 1),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}}
     (output / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -275,6 +322,9 @@ def markdown_report(report: dict) -> str:
              f"learned from {report['reranker_pairs']} (history, article) pairs of other simulated readers.", "",
              f"| method | recall@{K} | NDCG@{K} |", "|---|---|---|"]
     lines += [f"| {name} | {m[f'recall@{K}']:.3f} | {m[f'ndcg@{K}']:.3f} |" for name, m in report["metrics"].items()]
+    lines += ["", f"Inside the embeddings' shortlists ({report['shortlist_held_out']} held-out articles among them), the "
+              f"chance that a held-out article scores above an unread one (AUC; 0.5 = no signal): re-ranker "
+              f"{report['reranker_auc']:.3f}, embeddings {report['embeddings_auc']:.3f}."]
     lines += ["", "The simulation ceiling ranks by the simulation's own reading probabilities: no recommender "
               "that sees only texts and reads can be expected to reach it.", "",
               f"Wall time: {report['wall_time_s']} s."]
@@ -309,17 +359,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="base model (embeddings and re-ranker)")
     parser.add_argument("--articles", type=int, default=0, help="validation articles in the catalog (0: all)")
     parser.add_argument("--readers", type=int, default=100, help="simulated readers evaluated")
-    parser.add_argument("--train-articles", type=int, default=1500, help="training articles the re-ranker's readers read")
-    parser.add_argument("--train-readers", type=int, default=200, help="simulated readers the re-ranker learns from")
+    parser.add_argument("--train-articles", type=int, default=600, help="training articles the re-ranker's readers read")
+    parser.add_argument("--train-readers", type=int, default=300, help="simulated readers the re-ranker learns from")
     parser.add_argument("--subtopics", type=int, default=6, help="subtopics per AG News topic")
     parser.add_argument("--interests", type=int, default=3, help="subtopics mixed in each reader's interest")
     parser.add_argument("--history", type=int, default=10, help="articles of each history the recommender sees")
     parser.add_argument("--held-out", type=int, default=4, help="articles of each history hidden and evaluated")
     parser.add_argument("--candidates", type=int, default=20, help="embedding shortlist the re-ranker re-orders")
+    parser.add_argument("--evidence", type=int, default=3, help="read articles (nearest the candidate) the re-ranker sees")
+    parser.add_argument("--reranker-layers", type=int, default=6,
+                        help="layers of --model kept for the re-ranker (0: all); it scores every shortlisted article")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=72)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--max-length", type=int, default=80)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for split in ("train.jsonl", "validation.jsonl"):

@@ -39,3 +39,13 @@ def test_service_answers_over_http(trained):
     assert isinstance(body["reply"], str)
     assert client.post("/reply", json={"message": ""}).status_code == 422  # refused, not answered
     assert client.post("/reply", json={}).status_code == 422
+
+
+def test_assistant_names_missing_data(load_example, tmp_path, capsys):
+    assistant = load_example("customer_service/assistant.py")
+    with pytest.raises(SystemExit):
+        assistant.main(["train", "--data", str(tmp_path)])
+    assert "BANKING77 not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        assistant.main(["chat", "--output", str(tmp_path)])
+    assert "holds no trained assistant" in capsys.readouterr().err

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 
 def test_monitor_end_to_end(load_example, shared_data, small_model_dir, tmp_path):
     monitor = load_example("financial_monitor/monitor.py")
@@ -16,3 +18,15 @@ def test_monitor_end_to_end(load_example, shared_data, small_model_dir, tmp_path
     other = [r["p_negative"] for r in rows if r["label"] != "negative"]
     assert sum(negative) / len(negative) > sum(other) / len(other)  # the injected bursts stand out in the scores
     assert (out / "burst_replay.png").stat().st_size > 0
+
+
+def test_monitor_names_missing_data(load_example, tmp_path, capsys):
+    monitor = load_example("financial_monitor/monitor.py")
+    with pytest.raises(SystemExit):
+        monitor.main(["run", "--data", str(tmp_path)])
+    assert "Financial PhraseBank not found" in capsys.readouterr().err
+    stream = tmp_path / "stream.jsonl"
+    stream.write_text('{"time": "2024-01-01T00:00:00", "text": "Shares fell"}\n')
+    with pytest.raises(SystemExit):
+        monitor.main(["watch", "--stream", str(stream), "--classifier", str(tmp_path)])
+    assert "holds no fine-tuned classifier" in capsys.readouterr().err
