@@ -1,23 +1,24 @@
 """LoRA fine-tuning: laformer against transformers + peft on the same model, data, shape and hyperparameters.
 
 Every measurement runs in its own subprocess (so peak RSS is per side) within one invocation, sides
-interleaved, and the table prints ratios. Two comparisons:
+interleaved, and the table prints ratios. Three comparisons:
 
 1. padded: identical (8, 128) batches of SST-2 padded to 128 tokens, LoRA r=8 on q_proj/v_proj, AdamW;
    training tokens/s, peak RSS, and validation accuracy after the same number of steps. Right padding to a
-   fixed 128 is the usual tutorial pipeline (laformer's classifier skips the all-padding tail of such a batch, exactly);
-   left padding makes both sides compute every one of the 128 columns (pure compute comparison).
+   fixed 128 is the usual tutorial pipeline (laformer's classifier skips the all-padding tail of such a
+   batch, exactly); left padding makes both sides compute all 128 columns (pure compute comparison).
 2. pass: one training pass over the same 2,000 SST-2 examples with each side's best data handling:
    laformer's Trainer (dynamic padding, length buckets) against a loop that pads every text to 128 tokens,
-   DataLoader(shuffle=True), AdamW, with transformers + peft. The padded loop's steps all have the same shape, so it is timed over
-   ``--pass-probe`` steps and scaled to the full pass (said so in the table).
+   DataLoader(shuffle=True), AdamW, with transformers + peft. The padded loop's steps all have the same
+   shape, so it is timed over ``--pass-probe`` steps and scaled to the full pass (said so in the table).
 
 3. ``--task classification --dataset NAME``: the recipe. ``laformer finetune --task classification`` at its
    defaults (or ``--sides laformer:best`` ...) against transformers + peft (LoRA r=8 alpha 16 on q/v, AdamW lr 3e-4,
-   batch 16, linear decay: the Trainer's defaults, dynamic padding to 128 tokens at most), the same number of
+   batch 16, linear decay: transformers.Trainer's defaults, dynamic padding to 128 tokens at most), the same number of
    epochs, on the same training subset. laformer selects its checkpoint on a dev slice of the *train* split
    (disjoint from the training subset); both sides are scored on the same validation subset: accuracy and
-   macro-F1, wall time (load, train, score) and peak RSS.
+   macro-F1, wall time (load, train, score) and peak RSS. ``--concurrent`` runs the sides at the same time, so
+   both see the same load on a shared machine.
 
     python bench/finetune.py --task classification --dataset sst2 --train-examples 800 --eval 400
     python bench/finetune.py                 # ~15 minutes on 2 cores
