@@ -1,23 +1,24 @@
 """LoRA fine-tuning: laformer against transformers + peft on the same model, data, shape and hyperparameters.
 
 Every measurement runs in its own subprocess (so peak RSS is per side) within one invocation, sides
-interleaved, and the table prints ratios. Two comparisons:
+interleaved, and the table prints ratios. Three comparisons:
 
 1. padded: identical (8, 128) batches of SST-2 padded to 128 tokens, LoRA r=8 on q_proj/v_proj, AdamW;
-   training tokens/s, peak RSS, and validation accuracy after the same number of steps. Right padding is
-   the brief's pipeline (laformer's classifier skips the all-padding tail of such a batch, exactly);
-   left padding makes both sides compute every one of the 128 columns (pure compute comparison).
+   training tokens/s, peak RSS, and validation accuracy after the same number of steps. Right padding to a
+   fixed 128 is the usual tutorial pipeline (laformer's classifier skips the all-padding tail of such a
+   batch, exactly); left padding makes both sides compute all 128 columns (pure compute comparison).
 2. pass: one training pass over the same 2,000 SST-2 examples with each side's best data handling:
-   laformer's Trainer (dynamic padding, length buckets) against the brief's pad-to-128 DataLoader loop
-   with transformers + peft. The padded loop's steps all have the same shape, so it is timed over
-   ``--pass-probe`` steps and scaled to the full pass (said so in the table).
+   laformer's Trainer (dynamic padding, length buckets) against a loop that pads every text to 128 tokens,
+   DataLoader(shuffle=True), AdamW, with transformers + peft. The padded loop's steps all have the same
+   shape, so it is timed over ``--pass-probe`` steps and scaled to the full pass (said so in the table).
 
 3. ``--task classification --dataset NAME``: the recipe. ``laformer finetune --task classification`` at its
    defaults (or ``--sides laformer:best`` ...) against transformers + peft (LoRA r=8 alpha 16 on q/v, AdamW lr 3e-4,
-   batch 16, linear decay: the Trainer's defaults, dynamic padding to 128 tokens at most), the same number of
+   batch 16, linear decay: transformers.Trainer's defaults, dynamic padding to 128 tokens at most), the same number of
    epochs, on the same training subset. laformer selects its checkpoint on a dev slice of the *train* split
    (disjoint from the training subset); both sides are scored on the same validation subset: accuracy and
-   macro-F1, wall time (load, train, score) and peak RSS.
+   macro-F1, wall time (load, train, score) and peak RSS. ``--concurrent`` runs the sides at the same time, so
+   both see the same load on a shared machine.
 
     python bench/finetune.py --task classification --dataset sst2 --train-examples 800 --eval 400
     python bench/finetune.py                 # ~15 minutes on 2 cores
@@ -60,7 +61,7 @@ def read_split(name: str, limit: int, seed: int = 0) -> tuple[list[str], list[in
 
 
 def padded_batches(folder: str, texts: list[str], labels: list[int], side: str) -> list[dict[str, torch.Tensor]]:
-    """The brief's pipeline: every text padded (or cut) to 128 tokens on ``side``, batches of 8 in file order."""
+    """The fixed-shape pipeline: every text padded (or cut) to 128 tokens on ``side``, batches of 8 in file order."""
     from laformer.tokenizer import LaFormerTokenizer
 
     tokenizer = LaFormerTokenizer.from_pretrained(folder)
@@ -164,7 +165,7 @@ def laformer_pass(args, texts, labels) -> dict:
 
 
 def padded_pass(args, texts, labels) -> dict:
-    """The brief's section 5.2 loop: a Dataset padding each text to 128, DataLoader(shuffle=True), AdamW."""
+    """The tutorial loop: a Dataset padding each text to 128 tokens, DataLoader(shuffle=True), AdamW, no schedule."""
     from torch.utils.data import DataLoader, Dataset
     from transformers import AutoTokenizer
 
@@ -289,19 +290,26 @@ def classification_bench(args: argparse.Namespace) -> None:
         labels = dataset_subsets(args, folder)
         LaFormerForCausalLM.from_pretrained("smollm2-135m-instruct").save_pretrained(folder / "model")
         LaFormerTokenizer.from_pretrained("smollm2-135m-instruct").save_pretrained(folder / "model")
-        results = {}
+        processes, outputs = {}, {}
         for side in args.sides:
             command = [sys.executable, __file__, "--task", "classification", "--dataset", args.dataset, "--worker-side",
                        side, "--folder", str(folder), "--threads", str(args.threads), "--epochs", str(epochs),
                        "--laformer-args", args.laformer_args]
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            if done.returncode:
-                raise SystemExit(f"{side} failed:\n{done.stderr[-4000:]}")
-            results[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            processes[side] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                               env=env)
+            if not args.concurrent:
+                outputs[side] = processes[side].communicate()
+        results = {}
+        for side, process in processes.items():
+            out, err = outputs[side] if side in outputs else process.communicate()
+            if process.returncode:
+                raise SystemExit(f"{side} failed:\n{err[-4000:]}")
+            results[side] = json.loads(out.strip().splitlines()[-1])
             print(f"  {side:16s} {json.dumps(results[side])}", flush=True)
     print(f"\n{args.dataset}: {len(labels)} labels, {args.train_examples} train / {args.dev} dev (laformer's checkpoint "
           f"choice) / {args.eval} validation examples, {args.threads} threads, torch {torch.__version__}"
-          + (f", laformer flags: {args.laformer_args}" if args.laformer_args else ""))
+          + (f", laformer flags: {args.laformer_args}" if args.laformer_args else "")
+          + (", sides run concurrently" if args.concurrent else ", sides run one after the other"))
     print("| side | epochs (steps) | val accuracy | val macro-F1 | wall (s) | peak RSS (GB) | wall / peer |")
     print("|---|---|---|---|---|---|---|")
     peer = results.get("transformers")

@@ -185,10 +185,14 @@ def load_finetuned(path: str | Path, dtype: torch.dtype | str = torch.float32) -
 
 @torch.no_grad()
 def classify(
-    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16, max_length: int | None = None
+    model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 16, max_length: int | None = None,
+    bf16: bool | None = False,
 ) -> list[dict[str, Any]]:
-    """For each text: ``{"label", "score", "probabilities": {label: p}}`` from a sequence classifier."""
+    """For each text: ``{"label", "score", "probabilities": {label: p}}`` from a sequence classifier.
+
+    ``bf16`` True: under bfloat16 autocast; None: so where the hardware runs it natively (twice as fast there)."""
     from laformer.training.data import PaddingCollator, encode_texts
+    from laformer.training.recipes import native_bf16
 
     tokenizer = tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -206,11 +210,14 @@ def classify(
     results: list[dict[str, Any]] = [{} for _ in ids]
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    autocast = native_bf16() if bf16 is None else bf16
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = collate([{"input_ids": ids[i]} for i in chunk])
-        device = next(model.parameters()).device
-        probs = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits.float().softmax(-1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).logits
+        probs = logits.float().softmax(-1)
         for i, row in zip(chunk, probs.cpu()):
             best = int(row.argmax())
             results[i] = {"label": names[best], "score": float(row[best]),
@@ -221,9 +228,10 @@ def classify(
 
 def evaluate_classifier(
     model: torch.nn.Module, tokenizer: Any, data_path: str | Path, text_column: str = "text",
-    label_column: str = "label", batch_size: int = 16, max_length: int | None = None,
+    label_column: str = "label", batch_size: int = 16, max_length: int | None = None, bf16: bool | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1, the classification report and confusion matrix on a labelled file."""
+    """Accuracy, macro-F1, the classification report and confusion matrix on a labelled file; ``bf16`` None scores
+    under the autocast the classification recipe trains and validates with (:func:`classify`)."""
     from laformer.training.data import encode_labels, load_classification_data
     from laformer.training.reporting import classification_summary, require_train_extra
 
@@ -231,7 +239,7 @@ def evaluate_classifier(
     texts, labels = load_classification_data(data_path, text_column, label_column)
     label2id = {name: i for i, name in model.config.id2label.items()} if model.config.id2label else {}
     truth = encode_labels(labels, {str(k): v for k, v in label2id.items()}, data_path)
-    predictions = classify(model, tokenizer, texts, batch_size, max_length)
+    predictions = classify(model, tokenizer, texts, batch_size, max_length, bf16)
     preds = [label2id[p["label"]] for p in predictions]
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return classification_summary(truth, preds, names)

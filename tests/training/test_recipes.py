@@ -14,8 +14,16 @@ from laformer.cli import main
 from laformer.errors import TrainingError
 from laformer.peft import LoraConfig, get_peft_model
 from laformer.training import ClassificationDataset, Trainer, build_label_map
-from laformer.training.recipes import PRESETS, choose_max_length, classification_arguments, get_preset, lora_options
+from laformer.training.recipes import (
+    PRESETS,
+    choose_max_length,
+    classification_arguments,
+    get_preset,
+    lora_options,
+    native_bf16,
+)
 from laformer.training.schedules import LRSchedule
+from laformer.training.trainer import evaluation_points
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,6 +69,23 @@ def test_default_arguments_are_epoch_based_and_select_by_macro_f1(tmp_path):
     assert quiet(tmp_path, learning_rate=0.5).learning_rate == 0.5  # overrides win
 
 
+def test_bf16_autocast_where_the_hardware_runs_it_natively(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, expected in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert native_bf16() is expected and quiet(tmp_path).bf16 is expected
+    assert quiet(tmp_path, bf16=True).bf16  # an explicit choice wins
+
+
+def test_long_texts_are_cut_at_the_default_cap():
+    # Chinese reviews through a byte-level BPE: a 95th percentile of 422 tokens. Batches of 16 at 256 tokens
+    # peaked at 9.8 GB; the default caps at 128 (transformers' usual classification length).
+    default = get_preset("default")
+    lengths = list(range(50, 450))
+    assert choose_max_length(lengths, default.length_percentile, default.length_cap) == default.length_cap == 128
+
+
 def test_warmup_then_cosine_to_zero():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = LRSchedule(optimizer, "cosine", total_steps=100, warmup_steps=10)
@@ -102,6 +127,18 @@ def test_evaluations_spread_over_each_epoch(tmp_path):
     assert "best_macro_f1" in result  # classification selects by macro-F1 unless told otherwise
 
 
+def test_evaluations_never_come_a_step_apart_at_an_epochs_end(tmp_path):
+    # 5 steps an epoch, 2 evaluations: after steps 3 and 5, not 2, 4 and 5 (a stride of 2 plus the epoch's end),
+    # whose back-to-back pair early stopping would count as two stalls.
+    args = quiet(tmp_path, num_epochs=2, batch_size=8, evals_per_epoch=2, early_stopping_patience=None,
+                 bucket_by_length=False)
+    Trainer(tiny_classifier(), args, dataset(40), dataset(16, seed=1)).train()
+    evaluated = [row["step"] for row in json.loads((tmp_path / "metrics.json").read_text())["history"]
+                 if "eval/macro_f1" in row]
+    assert evaluated == [3, 5, 8, 10]
+    assert evaluation_points(13, 2) == {7, 13} and evaluation_points(4, 1) == {4}
+
+
 def test_early_stopping_ends_a_run_that_no_longer_improves(tmp_path):
     # A rate too small to change a prediction: the metric never improves after the first evaluation.
     args = quiet(tmp_path, num_epochs=10, batch_size=8, evals_per_epoch=1, learning_rate=1e-12,
@@ -121,6 +158,7 @@ def test_best_checkpoint_is_the_one_kept(tmp_path):
     history = [row["eval/macro_f1"] for row in json.loads((tmp_path / "metrics.json").read_text())["history"]
                if "eval/macro_f1" in row]
     assert result["best_step"] < result["step"] and history[-1] < max(history)
+    assert trainer.evaluate()["macro_f1"] == pytest.approx(max(history))  # the weights are the best ones
     assert result["eval"]["macro_f1"] == pytest.approx(max(history))
     assert result["best_macro_f1"] == pytest.approx(max(history))
 

@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-grad-norm", type=float, default=1.0)
     train.add_argument("--dropout", type=float, default=0.0)
     train.add_argument("--fgm", type=float, default=0.0, metavar="EPSILON", help="FGM adversarial training (0: off)")
-    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bfloat16 autocast (classification default: on where the CPU/GPU runs bf16 natively)")
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--eval-steps", type=int, default=None, help="evaluate every N steps (default: the preset's rhythm)")
     train.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: at the end)")

@@ -98,6 +98,13 @@ def count_targets(labels: torch.Tensor) -> int:
     return labels.numel() if labels.ndim == 1 else int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def evaluation_points(steps_per_epoch: int, evals_per_epoch: int) -> set[int]:
+    """The optimiser steps within an epoch (1-based) after which to evaluate: evenly spaced, the last one at the
+    epoch's end. A fixed stride would add the end of the epoch to its own last point (5 steps, 2 evaluations:
+    steps 2, 4 and 5), two evaluations a step apart that early stopping counts as two stalls."""
+    return {math.ceil(k * steps_per_epoch / evals_per_epoch) for k in range(1, evals_per_epoch + 1)}
+
+
 class Trainer:
     """Fine-tunes a laformer model (full or PEFT-wrapped) on a dataset of ``{"input_ids", "labels"}`` items.
 
@@ -130,6 +137,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = next(model.parameters()).device
         config = getattr(model, "config", None)
+        self._best_eval: dict[str, Any] | None = None
         self.label_names = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else None
 
     # -- setup -----------------------------------------------------------------------------------------
@@ -177,7 +185,7 @@ class Trainer:
         total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
         warmup = args.warmup_steps or int(args.warmup_ratio * total_steps)
         metric_name, greater = self._metric_setup()
-        eval_every = args.eval_steps or (max(1, steps_per_epoch // args.evals_per_epoch) if args.evals_per_epoch > 1 else None)
+        eval_points = evaluation_points(steps_per_epoch, args.evals_per_epoch)
         if hasattr(self.hooks, "set_total_step") and getattr(self.hooks.config, "total_step", 0) is None:
             self.hooks.set_total_step(total_steps)
 
@@ -224,10 +232,8 @@ class Trainer:
                                             "train/tokens_per_s": log_tokens / max(elapsed, 1e-9)})
                         log_loss, log_count, log_tokens, log_start = 0.0, 0, 0, time.perf_counter()
                     end_of_epoch = state["group_in_epoch"] == len(groups)
-                    if self.eval_dataset is not None and (
-                        (eval_every and step % eval_every == 0)
-                        or (not args.eval_steps and end_of_epoch) or step == total_steps
-                    ):
+                    due = (step % args.eval_steps == 0) if args.eval_steps else state["group_in_epoch"] in eval_points
+                    if self.eval_dataset is not None and (due or step == total_steps):
                         self._evaluate_and_track(state, schedule, reporter, metric_name, greater)
                     if end_of_epoch:
                         state["epoch"] += 1
@@ -373,6 +379,7 @@ class Trainer:
         best = state["best_metric"]
         if best is None or (value > best if greater else value < best):
             state.update(best_metric=value, best_step=state["step"], bad_evals=0)
+            self._best_eval = metrics  # the final report reuses it once these weights are loaded back
             weights = trainable_state(self.model)  # on every rank: gathering FSDP shards is collective
             if self.is_main:
                 ckpt.save_checkpoint(self.output_dir / "best", {"model": weights},
@@ -424,14 +431,16 @@ class Trainer:
 
     def _finish(self, state: dict, reporter: Reporter, metric: str) -> dict[str, Any]:
         best_dir = self.output_dir / "best"
+        metrics = None
         if self.args.load_best_model_at_end and state["best_step"] is not None and best_dir.is_dir():
             objects, _ = ckpt.load_checkpoint(best_dir)
             load_trainable_state(self.model, objects["model"], best_dir)
+            metrics = self._best_eval  # those weights' evaluation (None after a resume: evaluated again below)
         self.model.eval()
         result: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"], "best_step": state["best_step"],
                                   f"best_{metric}": state["best_metric"], "stopped_early": state["stopped_early"]}
         if self.eval_dataset is not None:
-            metrics = self.evaluate()
+            metrics = metrics or self.evaluate()
             result["eval"] = {k: v for k, v in metrics.items() if k not in ("report",)}
             if self.is_main and "report" in metrics:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
