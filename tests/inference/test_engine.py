@@ -18,7 +18,11 @@ from laformer.quantization import quantize_model
 
 from ._helpers import CONFIG, reference
 
-@pytest.mark.skipif(not native_available(), reason="no C compiler, no AVX2 or LAFORMER_NO_KERNELS: no native step")
+needs_native = pytest.mark.skipif(not native_available(),
+                                  reason="no C compiler, no AVX2 or LAFORMER_NO_KERNELS: no native step")
+
+
+@needs_native
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
 def test_native_step_reads_the_models_own_weights_and_leaves_them_alone(tiny, mode):
     model = copy.deepcopy(tiny)
@@ -41,6 +45,7 @@ def test_native_step_reads_the_models_own_weights_and_leaves_them_alone(tiny, mo
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+@needs_native  # unsupported() names the missing kernel first
 def test_the_native_step_refuses_wrapped_projections_by_name(tiny):
     model = copy.deepcopy(tiny)
     model.model.layers[0].self_attn.q_proj = torch.nn.Sequential(model.model.layers[0].self_attn.q_proj)
@@ -48,6 +53,7 @@ def test_the_native_step_refuses_wrapped_projections_by_name(tiny):
     assert "layer 0 q_proj is a Sequential" in problem
 
 
+@needs_native  # unsupported() names the missing kernel first
 def test_the_native_step_refuses_qkv_projections_quantized_differently(tiny):
     model = copy.deepcopy(tiny)
     quantize_model(model, "int8", 32)
