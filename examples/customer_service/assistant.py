@@ -26,6 +26,7 @@ from laformer import DEFAULT_MODEL, LaFormerError, LaFormerForCausalLM, LaFormer
 from laformer.extras import require
 from laformer.tasks import classify, finetune_classification, load_finetuned
 from laformer.training import TrainingArguments, load_classification_data
+from laformer.training.reporting import classification_summary
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[2] / "shared" / "data" / "banking77"
@@ -130,20 +131,6 @@ def sample(texts: list[str], labels: list[str], limit: int, seed: int) -> tuple[
     return [texts[i] for i in order], [labels[i] for i in order]
 
 
-def accuracy(truth: list[str], predicted: list[str]) -> float:
-    return sum(t == p for t, p in zip(truth, predicted)) / len(truth)
-
-
-def macro_f1(truth: list[str], predicted: list[str]) -> float:
-    """Mean over the labels seen in either list of 2TP / (2TP + FP + FN): scikit-learn's macro-F1, in plain Python."""
-    scores = []
-    for label in sorted(set(truth) | set(predicted)):
-        tp = sum(t == p == label for t, p in zip(truth, predicted))
-        wrong = sum((t == label) != (p == label) for t, p in zip(truth, predicted))
-        scores.append(2 * tp / (2 * tp + wrong))
-    return sum(scores) / len(scores)
-
-
 def recall_at(similarities: torch.Tensor, truth: torch.Tensor, k: int) -> float:
     top = similarities.topk(min(k, similarities.shape[1]), dim=-1).indices
     return float((top == truth[:, None]).any(-1).float().mean())
@@ -209,17 +196,19 @@ def evaluate(args: argparse.Namespace, output: Path, answers: dict[str, str], ge
     retrieved = indexed.argmax(-1).tolist()
     routed = [intents[r] if u else p for p, u, r in zip(predicted, unsure, retrieved)]
     majority = max(set(labels), key=labels.count)
+    ids = {intent: i for i, intent in enumerate(intents)}
+    intent = classification_summary(truth.tolist(), [ids[p] for p in predicted], intents)
     return {
         "validation_questions": len(texts),
-        "intent_accuracy": round(accuracy(labels, predicted), 4),
-        "intent_macro_f1": round(macro_f1(labels, predicted), 4),
+        "intent_accuracy": round(intent["accuracy"], 4),
+        "intent_macro_f1": round(intent["macro_f1"], 4),
         "majority_baseline_accuracy": round(labels.count(majority) / len(labels), 4),
         "retrieval_answer_only": {"recall@1": round(recall_at(questions @ answer_only.T, truth, 1), 4),
                                   "recall@5": round(recall_at(questions @ answer_only.T, truth, 5), 4)},
         "retrieval_answer_plus_examples": {"recall@1": round(recall_at(indexed, truth, 1), 4),
                                            "recall@5": round(recall_at(indexed, truth, 5), 4)},
         "routed_to_retrieval": round(sum(unsure) / len(unsure), 4),
-        "routed_accuracy": round(accuracy(labels, routed), 4),
+        "routed_accuracy": round(sum(r == t for r, t in zip(routed, labels)) / len(labels), 4),
     }
 
 

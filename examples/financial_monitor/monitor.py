@@ -36,6 +36,7 @@ from laformer import DEFAULT_MODEL, LaFormerError
 from laformer.extras import require
 from laformer.tasks import classify, finetune_classification, load_finetuned
 from laformer.training import TrainingArguments, load_classification_data
+from laformer.training.reporting import classification_summary
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parents[2] / "shared" / "data" / "financial_phrasebank"
@@ -170,20 +171,6 @@ def burst_replay(texts: list[str], labels: list[str], bursts: int, burst_size: i
         rows += mixed
     stream = [{"time": start + i * STEP, "text": t, "label": y} for i, (t, y) in enumerate(rows)]
     return stream, [(stream[a]["time"], stream[b]["time"]) for a, b in spans]
-
-
-def accuracy(truth: list[str], predicted: list[str]) -> float:
-    return sum(t == p for t, p in zip(truth, predicted)) / len(truth)
-
-
-def macro_f1(truth: list[str], predicted: list[str]) -> float:
-    """Mean over the labels seen in either list of 2TP / (2TP + FP + FN): scikit-learn's macro-F1, in plain Python."""
-    scores = []
-    for label in sorted(set(truth) | set(predicted)):
-        tp = sum(t == p == label for t, p in zip(truth, predicted))
-        wrong = sum((t == label) != (p == label) for t, p in zip(truth, predicted))
-        scores.append(2 * tp / (2 * tp + wrong))
-    return sum(scores) / len(scores)
 
 
 def alert_scores(alerts: list[dict], spans: list[tuple[datetime, datetime]], tolerance: timedelta) -> dict:
@@ -334,8 +321,10 @@ def run(args: argparse.Namespace) -> dict:
                         "alert_list": result["alerts"], "by_key": result["by_key"], "plot": result["plot"]}
         if name == "burst_replay":
             truth, predicted = [r["label"] for r in scored], [r["predicted"] for r in scored]
-            report["classifier"] = {"headlines": len(truth), "accuracy": round(accuracy(truth, predicted), 4),
-                                    "macro_f1": round(macro_f1(truth, predicted), 4)}
+            names = sorted(set(truth) | set(predicted))
+            summary = classification_summary([names.index(t) for t in truth], [names.index(p) for p in predicted], names)
+            report["classifier"] = {"headlines": len(truth), "accuracy": round(summary["accuracy"], 4),
+                                    "macro_f1": round(summary["macro_f1"], 4)}
         report[name]["burst_spans"] = [[s.isoformat(), e.isoformat()] for s, e in known]
     report["wall_time_s"] = round(time.perf_counter() - started, 1)
     report["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
