@@ -103,6 +103,10 @@ def encode_labels(labels: Sequence[str], label2id: dict[str, int], path: str | P
     return [label2id[label] for label in labels]
 
 
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # get_vocab() takes ~0.1 s: once a tokenizer
+_UNKNOWN_LONGEST_TOKEN = 64  # characters per token assumed for a tokenizer that does not show its vocabulary
+
+
 def text_limit(tokenizer: Any, max_length: int | None) -> int | None:
     """How many characters of a text can matter to its first ``max_length`` tokens (None: all of them).
 
@@ -122,10 +126,6 @@ def text_limit(tokenizer: Any, max_length: int | None) -> int | None:
         with contextlib.suppress(TypeError):  # not weakly referable: recomputed each time
             _LONGEST_TOKEN[backend] = longest
     return (max_length + 16) * longest
-
-
-_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # get_vocab() takes ~0.1 s: once a tokenizer
-_UNKNOWN_LONGEST_TOKEN = 64  # characters per token assumed for a tokenizer that does not show its vocabulary
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], add_special_tokens: bool = True,
